@@ -1,0 +1,112 @@
+"""The token sequence as the engine carries it through the decoder, and the masks built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sequence:
+    """Per-token state of a batch inside the LLM.
+
+    ``valid`` is False on padding; ``visual_rank`` is a token's index among its sample's
+    original visual tokens (-1 for text); ``keep_prob`` (soft mode) is the cumulative
+    keep-probability (1 for text). Order along L is always the original token order, so
+    causality by index equals causality by position.
+    """
+
+    hidden: torch.Tensor  # (B, L, D)
+    pos: torch.Tensor  # (B, L) RoPE position ids
+    valid: torch.Tensor  # (B, L) bool
+    visual_rank: torch.Tensor  # (B, L) long
+    n_visual_original: torch.Tensor  # (B,)
+    keep_prob: torch.Tensor | None = None  # (B, L) soft mode only
+    prev_input: torch.Tensor | None = None  # input of the layer just run (signals of layer K-1)
+    prev_keys: torch.Tensor | None = None  # k_proj output of the layer just run, (B, L, H_kv*hd)
+
+    @property
+    def is_visual(self) -> torch.Tensor:
+        return self.visual_rank >= 0
+
+    def visual_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Nv) positions of visual tokens in sequence order and their validity mask."""
+        vis = self.is_visual & self.valid
+        counts = vis.sum(1)
+        nv = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :nv]
+        valid = torch.arange(nv, device=vis.device)[None] < counts[:, None]
+        return torch.where(valid, order, torch.zeros_like(order)), valid
+
+    def instruction_mask(self) -> torch.Tensor:
+        """(B, L) bool: valid text tokens after each sample's last visual token."""
+        L = self.valid.shape[1]
+        idx = torch.arange(L, device=self.valid.device).expand_as(self.valid)
+        last_visual = torch.where(self.is_visual, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
+        return self.valid & ~self.is_visual & (idx > last_visual)
+
+    def gather(self, index: torch.Tensor, slot_valid: torch.Tensor) -> "Sequence":
+        """Keep rows ``index`` (B, L') of every per-token tensor; ``slot_valid`` marks real slots."""
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            if x.dim() == 2:
+                return torch.gather(x, 1, index)
+            return torch.gather(x, 1, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+        return Sequence(
+            hidden=rows(self.hidden),
+            pos=rows(self.pos),
+            valid=rows(self.valid) & slot_valid,
+            visual_rank=rows(self.visual_rank),
+            n_visual_original=self.n_visual_original,
+            keep_prob=rows(self.keep_prob),
+            prev_input=rows(self.prev_input),
+            prev_keys=rows(self.prev_keys),
+        )
+
+
+def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a (B, L) bool keep-mask into a left-padded gather index.
+
+    Returns ``index`` (B, L') with L' = max kept per sample, kept positions in order and
+    right-aligned (so padding stays on the left), and ``slot_valid`` (B, L').
+    """
+    counts = keep.sum(1)
+    new_len = int(counts.max())
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, then kept in order
+    index = order[:, keep.shape[1] - new_len :]
+    slot_valid = torch.arange(new_len, device=keep.device)[None] >= (new_len - counts)[:, None]
+    return index, slot_valid
+
+
+def build_mask(
+    key_valid: torch.Tensor,
+    key_logmask: torch.Tensor | None,
+    q_len: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Attention mask for ``q_len`` new queries over ``key_valid.shape[1]`` keys (the last q_len are the queries).
+
+    Returns None when plain causal attention is exact (SDPA then takes its causal fast path),
+    a bool (B, 1, q, K) mask for padding, or a float additive mask when soft log-masks are
+    present. Every query may attend to itself, so padded rows never produce NaNs.
+    """
+    B, K = key_valid.shape
+    past = K - q_len
+    if key_logmask is None and bool(key_valid.all()) and (past == 0 or q_len == 1):
+        return None
+    device = key_valid.device
+    q_idx = torch.arange(q_len, device=device)[:, None] + past
+    k_idx = torch.arange(K, device=device)[None, :]
+    causal = k_idx <= q_idx  # (q, K)
+    diag = k_idx == q_idx
+    allowed = (causal[None] & key_valid[:, None, :]) | diag[None]  # (B, q, K)
+    if key_logmask is None:
+        return allowed[:, None]
+    bias = key_logmask[:, None, :].to(dtype).expand(B, q_len, K)
+    bias = torch.where(diag[None], torch.zeros((), dtype=dtype, device=device), bias)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.where(allowed, bias, neg)[:, None]

@@ -1,0 +1,120 @@
+"""The pruner API: a small dataclass per method with one ``select()`` to write.
+
+A pruner is used as a context manager over an HF LLaVA model (the kvpress idiom)::
+
+    pruner = FastV(keep=64)
+    with pruner(model):                      # installs; always removed on exit
+        out = model.generate(**inputs)
+
+``keep`` is a count (``keep=64``) or a ratio of the visual tokens (``keep=0.111``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.core import Engine
+from ..engine.state import PruneState, Selection
+
+
+def validate_keep(keep: int | float) -> None:
+    """Raise a clear error for a budget that can never be met."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be an int count or a float ratio, got {keep!r}")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: a budget must keep at least 1 visual token (use keep>=1 or a ratio in (0, 1])")
+    elif not (0.0 < keep <= 1.0) or math.isnan(keep):
+        raise ValueError(f"keep={keep}: a ratio budget must lie in (0, 1]; pass an int for a token count")
+
+
+def resolve_keep(keep: int | float, n_visual: torch.Tensor) -> torch.Tensor:
+    """Per-sample kept-token counts (B,) for budget ``keep`` given each sample's visual-token count.
+
+    A ratio rounds to the nearest count (at least 1). A count larger than a sample's visual tokens
+    is an error: it would silently mean "no pruning".
+    """
+    validate_keep(keep)
+    n = n_visual.long()
+    if isinstance(keep, float):
+        return (n.double() * keep).round().long().clamp(min=1)
+    too_many = n < keep
+    if bool(too_many.any()):
+        raise ValueError(
+            f"keep={keep} exceeds the {int(n[too_many].min())} visual tokens of this input; "
+            f"use keep<={int(n.min())} or a ratio such as keep={min(1.0, round(keep / max(int(n.max()), 1), 3))}"
+        )
+    return torch.full_like(n, keep)
+
+
+def topk_selection(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Indices (B, max k) of the k highest scores per sample, in sequence order, padded with -1."""
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    kmax = int(k.max())
+    top = scores.topk(kmax, dim=1).indices
+    ok = torch.arange(kmax, device=scores.device)[None] < k[:, None]
+    top = torch.where(ok, top, torch.full_like(top, torch.iinfo(top.dtype).max))
+    top = top.sort(dim=1).values
+    return torch.where(top == torch.iinfo(top.dtype).max, torch.full_like(top, -1), top)
+
+
+class PrunerBase:
+    """Protocol every pruner follows (training-free dataclasses and learned ``nn.Module`` heads).
+
+    Subclasses set ``site`` (``"vision"`` or ``"llm:K"``) or override :meth:`sites`, and write
+    :meth:`select`. ``repack_positions`` (None = the site's default: re-pack at ``vision``, keep
+    original RoPE ids inside the LLM) says whether kept tokens get contiguous positions.
+    """
+
+    site: str = "vision"
+    repack_positions: bool | None = None
+
+    def sites(self, adapter: Any) -> list[str]:
+        return [self.site]
+
+    def prepare(self, adapter: Any) -> None:
+        """Check the pruner fits the backbone (called when installed). Raise with what to change."""
+
+    def select(self, state: PruneState) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, mode: str = "hard") -> Engine:
+        return Engine(model, [self], mode=mode)
+
+
+@dataclass
+class Pruner(PrunerBase):
+    """Base dataclass of training-free pruners: a budget and one ``score`` or ``select``."""
+
+    keep: int | float = 64
+
+    def __post_init__(self) -> None:
+        validate_keep(self.keep)
+
+    def score(self, state: PruneState) -> torch.Tensor:  # pragma: no cover - abstract
+        """Importance of each visual token (B, Nv); the top ``keep`` are kept."""
+        raise NotImplementedError
+
+    def select(self, state: PruneState) -> Selection:
+        k = resolve_keep(self.keep, state.n_visual_original).clamp(max=state.n_visual)
+        return Selection(indices=topk_selection(self.score(state), state.visual_valid, k))
+
+
+class Compose(PrunerBase):
+    """Several pruners applied in order on one model (e.g. DyVTE after FastV)."""
+
+    def __init__(self, pruners: list[PrunerBase]) -> None:
+        if not pruners:
+            raise ValueError("Compose needs at least one pruner")
+        self.pruners = list(pruners)
+
+    def __call__(self, model: nn.Module, mode: str = "hard") -> Engine:
+        return Engine(model, self.pruners, mode=mode)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.pruners!r})"

@@ -1,0 +1,58 @@
+"""``pool``: 2-D average pooling of the patch grid down to the budget (a spatial baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.state import PruneState, Selection
+from .base import Pruner, resolve_keep
+
+
+def pooled_grid(rows: int, cols: int, keep: int) -> tuple[int, int]:
+    """The (h, w) output grid with the most cells h*w <= keep (ties: the most square one)."""
+    best = (1, 1)
+    for h in range(1, rows + 1):
+        w = min(cols, keep // h)
+        if w < 1:
+            break
+        if h * w > best[0] * best[1] or (h * w == best[0] * best[1] and abs(h - w) < abs(best[0] - best[1])):
+            best = (h, w)
+    return best
+
+
+@dataclass
+class PoolPruner(Pruner):
+    """Adaptive 2-D average pooling of each image's patch grid to at most ``keep`` cells.
+
+    Pools pre-projector vision features (as LLaVA-style spatial pooling does) and projects the
+    pooled cells; each cell is written into the slot of the patch nearest its centre, so the
+    LLM sees the cells in raster order. The grid is the largest h*w <= keep. On LLaVA-NeXT the
+    global (base) view is pooled and the high-resolution tiles are dropped.
+    """
+
+    site: str = "vision"
+
+    def select(self, state: PruneState) -> Selection:
+        if state.site != "vision":
+            raise ValueError("pool acts at the 'vision' site")
+        rows, cols = state.image_grid
+        P = rows * cols
+        n0 = state.n_visual_original
+        if bool((n0 % P != 0).any()) and not state.engine.adapter.is_next:
+            raise ValueError(f"pool expects whole {rows}x{cols} grids of visual tokens, got {n0.tolist()}")
+        k = int(resolve_keep(self.keep, n0).min())
+        h, w = pooled_grid(rows, cols, min(k, P))
+        feats = state.vision_features()[:, :P]  # the first image's (base-view) grid
+        B, _, D = feats.shape
+        grid = feats.reshape(B, rows, cols, D).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(grid.float(), (h, w)).to(feats.dtype)  # (B, D, h, w)
+        values = pooled.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        # slot of each cell: the patch at the centre of the cell
+        r = ((torch.arange(h) + 0.5) * rows / h).floor().long().clamp(max=rows - 1)
+        c = ((torch.arange(w) + 0.5) * cols / w).floor().long().clamp(max=cols - 1)
+        slots = (r[:, None] * cols + c[None, :]).flatten().to(feats.device)
+        indices = slots[None].expand(B, -1)
+        return Selection(indices=indices, values=values, values_space="vision")

@@ -1,0 +1,54 @@
+"""Name -> pruner class, and ``load_pruner``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import Compose, PrunerBase
+from .fastervlm import FasterVLM
+from .fastv import FastV
+from .pool import PoolPruner
+from .simple import NoPruning, RandomPruner
+
+PRUNERS: dict[str, type] = {
+    "none": NoPruning,
+    "random": RandomPruner,
+    "pool": PoolPruner,
+    "fastv": FastV,
+    "fastervlm": FasterVLM,
+}
+
+
+def register_pruner(name: str, cls: type) -> type:
+    """Add a pruner class under ``name`` (one line per method)."""
+    if name in PRUNERS and PRUNERS[name] is not cls:
+        raise ValueError(f"a pruner named {name!r} is already registered ({PRUNERS[name].__name__})")
+    PRUNERS[name] = cls
+    return cls
+
+
+def load_pruner(name: str | list | PrunerBase, **kwargs: Any) -> PrunerBase:
+    """Build a pruner from a registry name, a list of names/pruners (applied in order), or a head folder.
+
+    ``load_pruner("fastv", layer=2, keep=64)``; ``load_pruner(["fastv", "random"], keep=0.5)``
+    gives each the same kwargs; unknown names and unknown arguments raise with the valid choices.
+    """
+    if isinstance(name, PrunerBase):
+        return name
+    if isinstance(name, (list, tuple)):
+        return Compose([load_pruner(n, **kwargs) for n in name])
+    if name not in PRUNERS and Path(name).is_dir():
+        from .heads import load_head  # learned heads exported as folders
+
+        return load_head(name, **kwargs)
+    if name not in PRUNERS:
+        raise KeyError(f"unknown pruner {name!r}; registered: {sorted(PRUNERS)} (or pass a head folder)")
+    cls = PRUNERS[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        import dataclasses
+
+        fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        raise TypeError(f"{name}: {e}; valid arguments: {fields}") from None
