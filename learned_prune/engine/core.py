@@ -70,9 +70,9 @@ class Engine:
     """Install ``pruners`` on ``model`` for the duration of a ``with`` block.
 
     ``mode="hard"`` removes tokens (inference); ``mode="soft"`` keeps them and masks keys with
-    log keep-probabilities (training). After a forward pass, ``kept_tokens`` maps each site to
-    the per-sample count of visual tokens it let through and ``output_index`` maps rows of the
-    output back to input positions.
+    log keep-probabilities (training). After a prefill, ``kept_tokens`` maps each site to the
+    per-sample count of visual tokens it let through, ``output_index`` (B, L') maps rows of the
+    output back to input positions and ``output_valid`` (B, L') marks real (non-padding) rows.
     """
 
     def __init__(self, model: nn.Module, pruners: list[Any], mode: str = "hard", soft_eps: float = 1e-6) -> None:
@@ -101,6 +101,7 @@ class Engine:
         self._run: _Run | None = None
         self.kept_tokens: dict[str, torch.Tensor] = {}
         self.output_index: torch.Tensor | None = None
+        self.output_valid: torch.Tensor | None = None
 
     # ---- install / remove ----------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -295,6 +296,7 @@ class Engine:
             g.next_pos = last_pos + (group.offset - g.offset)
         self._run = run if use_cache else None
         self._captured_keys.clear()
+        self.output_valid = seq.valid
         return seq.hidden
 
     def _decode(self, embeds, valid, position_ids, cache, use_cache, kwargs) -> torch.Tensor:
@@ -321,7 +323,6 @@ class Engine:
             pos, rope, mask = per_group[run.layer_group[i]]
             hidden = layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=cache,
                            use_cache=use_cache, position_embeddings=rope, **kwargs)
-        self.output_index = None
         return hidden
 
     # ---- applying a site -----------------------------------------------------------------
@@ -354,6 +355,8 @@ class Engine:
 
     def _soft(self, seq: Sequence, vpos, vvalid, sel: Selection) -> Sequence:
         B, L = seq.valid.shape
+        if sel.values is not None:
+            raise ValueError("merging pruners (Selection.values) have no soft mode; train with a selecting pruner")
         if sel.keep_prob is not None:
             p = sel.keep_prob.to(seq.hidden.dtype)
         else:  # a hard choice used in soft mode: exact 0/1 probabilities

@@ -1,0 +1,148 @@
+"""Pruner API: install/remove, registry, budgets, clear errors, backbone save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_prune import PRUNERS, load_backbone, load_pruner, tiny_llava
+from learned_prune.pruners import Compose, FastV, resolve_keep
+
+from conftest import get_tiny, make_batch
+
+
+def _hook_ids(model) -> set:
+    return {(name, key) for name, m in model.named_modules()
+            for key in [*m._forward_hooks, *m._forward_pre_hooks]}
+
+
+def _no_trace(model, before: set | None = None) -> bool:
+    """No instance override left and no hook beyond those HF itself installed (``before``)."""
+    lm, inner = model.model.language_model, model.model
+    extra = _hook_ids(model) - (before or set())
+    return "forward" not in lm.__dict__ and "get_image_features" not in inner.__dict__ and not extra
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["random", "pool", "fastv", "fastervlm"])
+def test_hooks_removed_after_exception(name):
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 2)
+    with load_pruner(name, keep=8)(model):  # let HF install its own lazy capture hooks once
+        model(**batch)
+    before = _hook_ids(model)
+    ref = model(**batch).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with load_pruner(name, keep=8)(model) as engine:
+            model(**batch)
+            assert len(_hook_ids(model) - before) >= 3  # installed while inside
+            raise RuntimeError("boom")
+    assert _no_trace(model, before)
+    torch.testing.assert_close(model(**batch).logits, ref)
+
+
+def test_nothing_patched_globally():
+    model, processor = get_tiny("llava")
+    other, _ = tiny_llava("llava", text_layers=4, seed=1)
+    batch = make_batch(processor, 1)
+    with torch.no_grad():
+        other(**batch), model(**batch)  # HF installs its own lazy output-capture hooks on first use
+    before_model, before_other = _hook_ids(model), _hook_ids(other)
+    with torch.no_grad(), load_pruner("fastv", keep=8)(model):
+        assert other(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # untouched instance
+        assert model(**batch).logits.shape[1] < batch["input_ids"].shape[1]
+    assert _no_trace(other, before_other) and _no_trace(model, before_model)
+
+
+def test_nesting_is_refused_and_compose_works():
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 1)
+    before = _hook_ids(model)
+    with load_pruner("fastervlm", keep=32)(model):
+        with pytest.raises(RuntimeError, match="compose"):
+            with load_pruner("fastv", keep=8)(model):
+                pass
+    assert _no_trace(model, before)
+    pruner = load_pruner(["fastervlm", "fastv"], keep=16)
+    assert isinstance(pruner, Compose)
+    pruner.pruners[1].keep = 8
+    with torch.no_grad(), pruner(model) as engine:
+        model(**batch)
+    assert engine.kept_tokens["vision"].item() == 16 and engine.kept_tokens["llm:2"].item() == 8
+
+
+def test_registry_and_load_pruner_errors():
+    assert {"none", "random", "pool", "fastv", "fastervlm"} <= set(PRUNERS)
+    assert isinstance(load_pruner("fastv", layer=3, keep=32), FastV)
+    with pytest.raises(KeyError, match="registered"):
+        load_pruner("fastvv")
+    with pytest.raises(TypeError, match="valid arguments"):
+        load_pruner("fastv", lyer=2)
+
+
+@pytest.mark.parametrize("keep", [0, -3, 0.0, 1.5, True, "64"])
+def test_invalid_budget_fails_at_construction(keep):
+    with pytest.raises((ValueError, TypeError), match="keep"):
+        load_pruner("random", keep=keep)
+
+
+def test_resolve_keep_counts_and_ratios():
+    n = torch.tensor([576, 144])
+    assert resolve_keep(0.111, n).tolist() == [64, 16]
+    assert resolve_keep(16, n).tolist() == [16, 16]
+    with pytest.raises(ValueError, match="exceeds the 144 visual tokens"):
+        resolve_keep(200, n)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["random", "pool", "fastv", "fastervlm"])
+def test_budget_above_token_count_is_a_clear_error(name):
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 1)
+    with pytest.raises(ValueError, match="exceeds the 144 visual tokens"):
+        with load_pruner(name, keep=500)(model):
+            model(**batch)
+    assert "forward" not in model.model.language_model.__dict__
+
+
+def test_fastv_layer_out_of_range():
+    model, _ = get_tiny("llava")
+    with pytest.raises(ValueError, match="layer=9"):
+        with load_pruner("fastv", layer=9)(model):
+            pass
+
+
+@torch.no_grad()
+def test_mismatched_image_token_count_is_a_clear_error():
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 1)
+    ids = batch["input_ids"]
+    image = model.config.image_token_id
+    first = int((ids[0] == image).nonzero()[0])
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[first] = False  # one placeholder too few
+    batch["input_ids"], batch["attention_mask"] = ids[:, keep], batch["attention_mask"][:, keep]
+    with pytest.raises(ValueError, match="image-token count mismatch.*143 <image>.*144 visual features"):
+        with load_pruner("fastv", keep=8)(model):
+            model(**batch)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_save_pretrained_roundtrip_through_load_backbone(tmp_path, family):
+    model, processor = get_tiny(family)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, proc2 = load_backbone(tmp_path)
+    assert type(loaded) is type(model)
+    assert loaded.config._attn_implementation == "sdpa"
+    batch = make_batch(processor, 2)
+    batch2 = make_batch(proc2, 2)
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    torch.testing.assert_close(loaded(**batch2).logits, model(**batch).logits)
+
+
+def test_load_backbone_never_downloads(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        load_backbone("llava-hf/llava-1.5-7b-hf-not-cached")

@@ -1,0 +1,187 @@
+"""The engine's four invariants (DESIGN.md, "The engine"), for every first pruner on both families.
+
+1. keep-all gives logits equal to the plain HF model;
+2. a hard prune equals the plain HF model run on the kept sub-sequence with the same positions;
+3. a soft mask of exact 0/1 equals the hard prune on the kept positions;
+4. generation after a prune equals greedy decoding of the kept sub-sequence.
+Plus: a left-padded batch equals single runs, also with per-sample keep counts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_prune import load_pruner
+from learned_prune.engine import Selection
+from learned_prune.pruners import PrunerBase, topk_selection
+from learned_prune.pruners.pool import pooled_grid
+
+from conftest import make_batch, positions_from_mask
+from helpers import gather_rows, hf_hidden, hf_tail_logits, pooled_embeddings, site_layer
+
+PRUNERS = ["random", "pool", "fastv", "fastervlm"]
+ATOL = 2e-4
+
+
+def _batch(processor, n=3):
+    b = make_batch(processor, n)
+    b["position_ids"] = positions_from_mask(b["attention_mask"])
+    return b
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["none", *PRUNERS])
+def test_keep_all_equals_plain_hf(tiny, family, name):
+    model, processor = tiny
+    if name == "pool" and family == "llava_next":
+        pytest.skip("pool keeps only LLaVA-NeXT's base view: keep-all is not defined")
+    batch = _batch(processor)
+    ref = model(**batch).logits
+    pruner = load_pruner(name) if name == "none" else load_pruner(name, keep=1.0)
+    with pruner(model) as engine:
+        out = model(**batch).logits
+    assert out.shape == ref.shape
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+    if name != "none":
+        n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1)
+        assert torch.equal(next(iter(engine.kept_tokens.values())).cpu(), n_vis)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", PRUNERS)
+def test_hard_prune_equals_hf_on_kept_subsequence(tiny, family, name):
+    model, processor = tiny
+    batch = _batch(processor)
+    pruner = load_pruner(name, keep=10)
+    layer, site = site_layer(pruner, model)
+    with pruner(model) as engine:
+        out = model(**batch).logits
+    idx, valid = engine.output_index, engine.output_valid
+    n_kept = (gather_rows(batch["input_ids"], idx) == model.config.image_token_id) & valid
+    assert (n_kept.sum(1) <= 10).all() and (n_kept.sum(1) > 0).all()
+    hidden = gather_rows(hf_hidden(model, batch, layer), idx)
+    if name == "pool":  # merged cells: projector(average of the cell) in the centre slot
+        rows, cols = engine.adapter.patch_grid
+        h, w = pooled_grid(rows, cols, 10)
+        vis = n_kept.nonzero()[:, 1].view(idx.shape[0], -1)
+        hidden = hidden.clone()
+        hidden.scatter_(1, vis.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
+                        pooled_embeddings(model, batch, rows, cols, h, w))
+    if site == "vision":  # pre-LLM pruning re-packs positions, as if the tokens were never there
+        pos = positions_from_mask(valid)
+    else:  # in-LLM pruning keeps the original RoPE positions
+        pos = gather_rows(batch["position_ids"], idx)
+    ref = hf_tail_logits(model, hidden, pos, valid, layer)
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["random", "fastv", "fastervlm"])
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_soft_01_mask_equals_hard_prune(tiny, name, eps):
+    model, processor = tiny
+    batch = _batch(processor)
+    pruner = load_pruner(name, keep=12)
+    pruner.repack_positions = False  # soft mode never moves tokens, so neither may the hard run
+    with pruner(model) as hard:
+        out_hard = model(**batch).logits
+    with pruner(model, mode="soft") as soft:
+        soft.soft_eps = eps
+        out_soft = model(**batch).logits
+    assert out_soft.shape[1] == batch["input_ids"].shape[1]  # nothing removed
+    rows = gather_rows(out_soft, hard.output_index)
+    valid = hard.output_valid
+    torch.testing.assert_close(rows[valid], out_hard[valid], atol=1e-5 if eps == 0 else 1e-3, rtol=0)
+    site = next(iter(soft.kept_tokens))
+    torch.testing.assert_close(soft.kept_tokens[site].float(), hard.kept_tokens[site].float())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", PRUNERS)
+def test_generation_equals_greedy_on_kept_subsequence(tiny, family, name):
+    model, processor = tiny
+    batch = make_batch(processor, 1)
+    L = batch["input_ids"].shape[1]
+    steps = 4
+    pruner = load_pruner(name, keep=8)
+    layer, site = site_layer(pruner, model)
+    with pruner(model) as engine:
+        gen = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    new = gen[:, L:]
+    idx = engine.output_index  # from the prefill
+    eos = model.generation_config.eos_token_id
+    for t in range(steps):
+        ids = torch.cat([batch["input_ids"], new[:, :t]], 1)
+        step = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
+        rows = torch.cat([idx, L + torch.arange(t)[None]], 1)
+        hidden = gather_rows(hf_hidden(model, step, layer), rows)
+        if name == "pool":
+            rows_, cols = engine.adapter.patch_grid
+            h, w = pooled_grid(rows_, cols, 8)
+            vis = (gather_rows(ids, rows) == model.config.image_token_id).nonzero()[:, 1][None]
+            hidden = hidden.clone()
+            hidden[:, vis[0]] = pooled_embeddings(model, batch, rows_, cols, h, w)
+        pos = torch.arange(rows.shape[1])[None] if site == "vision" else rows
+        logits = hf_tail_logits(model, hidden, pos, torch.ones_like(rows), layer)[:, -1]
+        if eos is not None:
+            logits[:, eos] = float("-inf")  # min_new_tokens suppresses EOS in generate() too
+        assert logits.argmax(-1).item() == new[0, t].item(), f"step {t}"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["none", *PRUNERS])
+def test_padded_batch_equals_single_runs(tiny, name):
+    model, processor = tiny
+    batch = make_batch(processor, 3)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the batch must be left-padded"
+    pruner = load_pruner(name) if name == "none" else load_pruner(name, keep=10)
+    with pruner(model):
+        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        batch["position_ids"] = positions_from_mask(batch["attention_mask"])
+        last = model(**batch).logits[:, -1]
+        for i in range(3):
+            single = make_batch(processor, 3)
+            one = {k: v[i : i + 1] for k, v in single.items()}
+            keep = one["attention_mask"][0].bool()
+            one["input_ids"], one["attention_mask"] = one["input_ids"][:, keep], one["attention_mask"][:, keep]
+            g1 = model.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            assert torch.equal(g1[0, -3:], gen[i, -3:])
+            torch.testing.assert_close(model(**one).logits[0, -1], last[i], atol=ATOL, rtol=0)
+
+
+class _PerSampleBudget(PrunerBase):
+    """Keeps 3 + 4*b tokens in sample b: an instance-adaptive budget like ATP's."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+    def select(self, state):
+        B = state.visual_pos.shape[0]
+        k = torch.tensor([3 + 4 * b for b in range(B)])
+        score = state.visual_hidden.norm(dim=-1)
+        return Selection(indices=topk_selection(score, state.visual_valid, k))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("site", ["vision", "llm:2"])
+def test_per_sample_keep_counts_in_one_batch(tiny, site):
+    model, processor = tiny
+    batch = make_batch(processor, 3)
+    with _PerSampleBudget(site)(model) as engine:
+        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert engine.kept_tokens[site].tolist() == [3, 7, 11]
+    for i in range(3):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        keep = one["attention_mask"][0].bool()
+        one["input_ids"], one["attention_mask"] = one["input_ids"][:, keep], one["attention_mask"][:, keep]
+
+        class Fixed(_PerSampleBudget):
+            def select(self, state, i=i):
+                score = state.visual_hidden.norm(dim=-1)
+                return Selection(indices=topk_selection(score, state.visual_valid, torch.tensor([3 + 4 * i])))
+
+        with Fixed(site)(model):
+            g1 = model.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(g1[0, -3:], gen[i, -3:])
