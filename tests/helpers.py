@@ -53,3 +53,73 @@ def pooled_embeddings(model, batch: dict, rows: int, cols: int, h: int, w: int) 
     grid = hs.reshape(B, rows, cols, D).permute(0, 3, 1, 2)
     pooled = nn.functional.adaptive_avg_pool2d(grid, (h, w)).flatten(2).transpose(1, 2)
     return model.model.multi_modal_projector(pooled)
+
+
+@torch.no_grad()
+def hf_segment(model, hidden: torch.Tensor, pos: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Run plain HF decoder layers ``start..end-1`` (no final norm) on hidden states of one sample."""
+    if end == start:
+        return hidden
+    lm = model.model.language_model
+    layers, n = lm.layers, lm.config.num_hidden_layers
+    try:  # one extra layer so the wanted output is an un-normed entry of hidden_states
+        lm.layers = nn.ModuleList(list(layers)[start : end + 1])
+        lm.config.num_hidden_layers = end + 1 - start
+        out = lm(inputs_embeds=hidden, position_ids=pos, use_cache=False, output_hidden_states=True)
+    finally:
+        lm.layers = layers
+        lm.config.num_hidden_layers = n
+    return out.hidden_states[end - start]
+
+
+def record_selections(pruner) -> list:
+    """Wrap ``select`` on this pruner instance (and on composed ones) to record each Selection."""
+    records = []
+    targets = getattr(pruner, "pruners", [pruner])
+    for p in targets:
+        original = p.select
+
+        def select(state, original=original):
+            sel = original(state)
+            records.append((state.layer, state.site, sel))
+            return sel
+
+        p.select = select
+    return records
+
+
+@torch.no_grad()
+def reference_logits(model, batch: dict, records: list, repack_vision: bool = True, repack_llm=False) -> torch.Tensor:
+    """Logits of one unpadded sample computed by plain HF layers, gathering rows as recorded.
+
+    Visual tokens are the image placeholders; each recorded Selection keeps some of the visual rows
+    still present (and may overwrite them with merged values); text rows are always kept.
+    """
+    ids = batch["input_ids"]
+    assert ids.shape[0] == 1
+    is_image = (ids[0] == model.config.image_token_id)
+    hidden = hf_hidden(model, batch, 0)
+    L = ids.shape[1]
+    rows = torch.arange(L)
+    pos = torch.arange(L)[None]
+    cur = 0
+    for layer, site, sel in records:
+        hidden = hf_segment(model, hidden, pos, cur, layer)
+        cur = layer
+        vis = is_image[rows].nonzero()[:, 0]
+        idx = sel.indices[0]
+        ok = idx >= 0
+        kept = vis[idx[ok]]
+        if sel.values is not None:
+            values = sel.values[0][ok]
+            if sel.values_space == "vision":
+                values = model.model.multi_modal_projector(values)
+            hidden = hidden.clone()
+            hidden[0, kept] = values.to(hidden.dtype)
+        keep = ~is_image[rows]
+        keep[kept] = True
+        repack = repack_vision if site == "vision" else (repack_llm(site) if callable(repack_llm) else repack_llm)
+        if repack:
+            pos = pos - (~keep).long().cumsum(0)[None]
+        rows, pos, hidden = rows[keep], pos[:, keep], hidden[:, keep]
+    return hf_tail_logits(model, hidden, pos, torch.ones_like(pos), cur)

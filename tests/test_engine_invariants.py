@@ -12,15 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_prune import load_pruner
+from learned_prune import PRUNERS as REGISTRY, load_pruner
 from learned_prune.engine import Selection
 from learned_prune.pruners import PrunerBase, topk_selection
-from learned_prune.pruners.pool import pooled_grid
 
 from conftest import make_batch, positions_from_mask
-from helpers import gather_rows, hf_hidden, hf_tail_logits, pooled_embeddings, site_layer
+from helpers import gather_rows, record_selections, reference_logits
 
-PRUNERS = ["random", "pool", "fastv", "fastervlm"]
+PRUNERS = sorted(n for n in REGISTRY if n != "none")
+SELECTING = ["random", "fastv", "fastervlm", "divprune", "dart", "vtc_cls", "pyramiddrop"]
+NO_KEEP_ALL = {"visionzip"}  # always merges contextual tokens and inserts [CLS]
 ATOL = 2e-4
 
 
@@ -34,11 +35,12 @@ def _batch(processor, n=3):
 @pytest.mark.parametrize("name", ["none", *PRUNERS])
 def test_keep_all_equals_plain_hf(tiny, family, name):
     model, processor = tiny
-    if name == "pool" and family == "llava_next":
-        pytest.skip("pool keeps only LLaVA-NeXT's base view: keep-all is not defined")
+    if name in NO_KEEP_ALL or (name == "pool" and family == "llava_next"):
+        pytest.skip("keep-all is not defined for this method (it merges or drops tiles by design)")
     batch = _batch(processor)
     ref = model(**batch).logits
-    pruner = load_pruner(name) if name == "none" else load_pruner(name, keep=1.0)
+    kwargs = {"ratio": 1.0} if name == "pyramiddrop" else {}
+    pruner = load_pruner(name) if name == "none" else load_pruner(name, keep=1.0, **kwargs)
     with pruner(model) as engine:
         out = model(**batch).logits
     assert out.shape == ref.shape
@@ -46,39 +48,36 @@ def test_keep_all_equals_plain_hf(tiny, family, name):
     torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
     if name != "none":
         n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1)
-        assert torch.equal(next(iter(engine.kept_tokens.values())).cpu(), n_vis)
+        for kept in engine.kept_tokens.values():
+            assert torch.equal(kept.cpu(), n_vis)
+
+
+def _repack(pruner):
+    return lambda site: bool(getattr(pruner, "repack_positions", None)) if site != "vision" else True
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", PRUNERS)
 def test_hard_prune_equals_hf_on_kept_subsequence(tiny, family, name):
     model, processor = tiny
-    batch = _batch(processor)
-    pruner = load_pruner(name, keep=10)
-    layer, site = site_layer(pruner, model)
-    with pruner(model) as engine:
-        out = model(**batch).logits
-    idx, valid = engine.output_index, engine.output_valid
-    n_kept = (gather_rows(batch["input_ids"], idx) == model.config.image_token_id) & valid
-    assert (n_kept.sum(1) <= 10).all() and (n_kept.sum(1) > 0).all()
-    hidden = gather_rows(hf_hidden(model, batch, layer), idx)
-    if name == "pool":  # merged cells: projector(average of the cell) in the centre slot
-        rows, cols = engine.adapter.patch_grid
-        h, w = pooled_grid(rows, cols, 10)
-        vis = n_kept.nonzero()[:, 1].view(idx.shape[0], -1)
-        hidden = hidden.clone()
-        hidden.scatter_(1, vis.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
-                        pooled_embeddings(model, batch, rows, cols, h, w))
-    if site == "vision":  # pre-LLM pruning re-packs positions, as if the tokens were never there
-        pos = positions_from_mask(valid)
-    else:  # in-LLM pruning keeps the original RoPE positions
-        pos = gather_rows(batch["position_ids"], idx)
-    ref = hf_tail_logits(model, hidden, pos, valid, layer)
-    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+    for i in range(2):  # two different samples, one at a time (padding is covered below)
+        batch = make_batch(processor, 2)
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        keep = one["attention_mask"][0].bool()
+        one["input_ids"], one["attention_mask"] = one["input_ids"][:, keep], one["attention_mask"][:, keep]
+        pruner = load_pruner(name, keep=10)
+        records = record_selections(pruner)
+        with pruner(model) as engine:
+            out = model(**one).logits
+        assert records, "the pruner never acted"
+        for site, kept in engine.kept_tokens.items():
+            assert 0 < int(kept) <= 10, (site, kept)
+        ref = reference_logits(model, one, records, repack_llm=_repack(pruner))
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["random", "fastv", "fastervlm"])
+@pytest.mark.parametrize("name", SELECTING)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
 def test_soft_01_mask_equals_hard_prune(tiny, name, eps):
     model, processor = tiny
@@ -94,8 +93,8 @@ def test_soft_01_mask_equals_hard_prune(tiny, name, eps):
     rows = gather_rows(out_soft, hard.output_index)
     valid = hard.output_valid
     torch.testing.assert_close(rows[valid], out_hard[valid], atol=1e-5 if eps == 0 else 1e-3, rtol=0)
-    site = next(iter(soft.kept_tokens))
-    torch.testing.assert_close(soft.kept_tokens[site].float(), hard.kept_tokens[site].float())
+    for site in hard.kept_tokens:
+        torch.testing.assert_close(soft.kept_tokens[site].float(), hard.kept_tokens[site].float())
 
 
 @torch.no_grad()
@@ -106,25 +105,15 @@ def test_generation_equals_greedy_on_kept_subsequence(tiny, family, name):
     L = batch["input_ids"].shape[1]
     steps = 4
     pruner = load_pruner(name, keep=8)
-    layer, site = site_layer(pruner, model)
-    with pruner(model) as engine:
+    records = record_selections(pruner)
+    with pruner(model):
         gen = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     new = gen[:, L:]
-    idx = engine.output_index  # from the prefill
     eos = model.generation_config.eos_token_id
     for t in range(steps):
         ids = torch.cat([batch["input_ids"], new[:, :t]], 1)
         step = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
-        rows = torch.cat([idx, L + torch.arange(t)[None]], 1)
-        hidden = gather_rows(hf_hidden(model, step, layer), rows)
-        if name == "pool":
-            rows_, cols = engine.adapter.patch_grid
-            h, w = pooled_grid(rows_, cols, 8)
-            vis = (gather_rows(ids, rows) == model.config.image_token_id).nonzero()[:, 1][None]
-            hidden = hidden.clone()
-            hidden[:, vis[0]] = pooled_embeddings(model, batch, rows_, cols, h, w)
-        pos = torch.arange(rows.shape[1])[None] if site == "vision" else rows
-        logits = hf_tail_logits(model, hidden, pos, torch.ones_like(rows), layer)[:, -1]
+        logits = reference_logits(model, step, records, repack_llm=_repack(pruner))[:, -1]
         if eos is not None:
             logits[:, eos] = float("-inf")  # min_new_tokens suppresses EOS in generate() too
         assert logits.argmax(-1).item() == new[0, t].item(), f"step {t}"

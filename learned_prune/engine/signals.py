@@ -112,7 +112,7 @@ def _vision(state: "PruneState") -> dict:
     return v
 
 
-def _token_patch_index(state: "PruneState") -> torch.Tensor:
+def token_patch_index(state: "PruneState") -> torch.Tensor:
     """Flat vision-patch index (tile * P + patch) of each current visual token, (B, Nv); -1 for newlines."""
     if "patch_index" not in state.cache:
         v = _vision(state)
@@ -128,7 +128,7 @@ def _token_patch_index(state: "PruneState") -> torch.Tensor:
 def _per_token(state: "PruneState", per_patch: torch.Tensor) -> torch.Tensor:
     """Map a (n_tiles, P, ...) per-patch tensor onto the current visual tokens, zeros for newlines."""
     flat = per_patch.reshape(-1, *per_patch.shape[2:])
-    idx = _token_patch_index(state)
+    idx = token_patch_index(state)
     out = flat[idx.clamp_min(0)]
     keep = (idx >= 0).view(*idx.shape, *([1] * (out.dim() - 2)))
     return out * keep.to(out.dtype)
@@ -181,6 +181,6 @@ def cls_feature(state: "PruneState", layer: int | None = None) -> torch.Tensor:
     v = _vision(state)
     layer = state.engine.adapter.feature_layer if layer is None else layer
     cls = v["hidden_states"][layer][:, 0]  # (n_tiles, Dv)
-    first_patch = _token_patch_index(state)[:, 0].clamp_min(0)
+    first_patch = token_patch_index(state)[:, 0].clamp_min(0)
     P = state.engine.adapter.patch_grid[0] * state.engine.adapter.patch_grid[1]
     return cls[first_patch // P]

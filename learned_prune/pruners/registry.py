@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from .base import Compose, PrunerBase
+from .dart import DART
+from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .pool import PoolPruner
+from .pyramiddrop import PyramidDrop
 from .simple import NoPruning, RandomPruner
+from .tome import AIMMerge, ToMe
+from .visionzip import VisionZip
+from .vtc_cls import VTCCLS
 
 PRUNERS: dict[str, type] = {
     "none": NoPruning,
@@ -17,6 +23,13 @@ PRUNERS: dict[str, type] = {
     "pool": PoolPruner,
     "fastv": FastV,
     "fastervlm": FasterVLM,
+    "divprune": DivPrune,
+    "dart": DART,
+    "visionzip": VisionZip,
+    "vtc_cls": VTCCLS,
+    "pyramiddrop": PyramidDrop,
+    "tome": ToMe,
+    "aim_merge": AIMMerge,
 }
 
 

@@ -1,0 +1,5 @@
+"""LightningModules: backbone pretraining and one per learned pruning method."""
+
+from .backbone import BackboneModule
+
+__all__ = ["BackboneModule"]

@@ -1,0 +1,63 @@
+"""PyramidDrop: stage-wise visual-token dropping inside the LLM (Xing et al., CVPR 2025, arXiv 2410.17247).
+
+Code Cooperx521/PyramidDrop (`--layer_list [8,16,24] --image_token_ratio_list [0.5,0.25,0.125]`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.state import PruneState, Selection
+from .base import Pruner, resolve_keep, topk_selection
+
+
+def stage_layers(num_layers: int, fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> list[int]:
+    """Stage boundaries scaled by depth: 8/16/24 of 32 layers -> fractions 1/4, 1/2, 3/4."""
+    layers = sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in fractions})
+    return layers
+
+
+@dataclass
+class PyramidDrop(Pruner):
+    """At each stage boundary keep a fraction ``ratio`` of the previous stage's visual tokens, ranked
+    by the attention of the last instruction token.
+
+    Defaults as the paper for LLaVA-1.5-7B: boundaries at 8/16/24 of 32 layers (scaled by depth),
+    ratio (lambda) 0.5. ``keep`` is the count kept at the first boundary; each later boundary keeps
+    ``ratio`` of the previous stage (``keep=0.5`` reproduces the official 288/144/72 of 576). The
+    score is computed as the official code does: the *next* layer's input_layernorm, q_proj and
+    k_proj with RoPE applied to the hidden states at the boundary, for the last token's row only;
+    positions are re-packed (official: reset to ``arange``).
+    """
+
+    layers: tuple[int, ...] | None = None
+    ratio: float = 0.5
+    repack_positions: bool | None = True
+
+    def _boundaries(self, adapter) -> list[int]:
+        return list(self.layers) if self.layers else stage_layers(adapter.num_layers)
+
+    def sites(self, adapter) -> list[str]:
+        return [f"llm:{k}" for k in self._boundaries(adapter)]
+
+    def prepare(self, adapter) -> None:
+        bad = [k for k in self._boundaries(adapter) if not 1 <= k < adapter.num_layers]
+        if bad:
+            raise ValueError(f"PyramidDrop layers {bad}: need 1 <= layer < {adapter.num_layers}")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"PyramidDrop ratio={self.ratio}: must lie in (0, 1]")
+
+    def stage_counts(self, n_visual: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
+        """Per-sample visual tokens kept after each boundary: keep, keep*ratio, keep*ratio^2, ..."""
+        first = resolve_keep(self.keep, n_visual)
+        return [(first.double() * self.ratio**s).round().long().clamp(min=1) for s in range(n_stages)]
+
+    def select(self, state: PruneState) -> Selection:
+        adapter = state.engine.adapter
+        boundaries = self._boundaries(adapter)
+        stage = boundaries.index(state.layer)
+        k = self.stage_counts(state.n_visual_original, len(boundaries))[stage].clamp(max=state.n_visual)
+        score = state.attention("last", layer="current")
+        return Selection(indices=topk_selection(score, state.visual_valid, k))
