@@ -41,40 +41,57 @@ class DART(Pruner):
 
     def select(self, state: PruneState) -> Selection:
         seq, vpos, vvalid = state.seq, state.visual_pos, state.visual_valid
-        B, Nv = vpos.shape
         k = resolve_keep(self.keep, state.n_visual_original).clamp(max=state.n_visual)
-        keys = state.keys()  # (B, H_kv, L, hd)
-        norm = keys.transpose(1, 2).flatten(2).abs().sum(-1).float()  # (B, L) L1 norm, heads concatenated
+        keys = state.keys()  # (B, H_kv, L, hd) post-RoPE keys of layer K-1
+        norm = keys.transpose(1, 2).flatten(2).abs().sum(-1).float()  # L1 norm, heads concatenated
         block = state.engine.adapter.lm.layers[self.layer - 1]
-        feats = F.normalize(block.input_layernorm(seq.prev_input).float(), dim=-1)  # (B, L, D)
-        vis_norm = torch.gather(norm, 1, vpos).masked_fill(~vvalid, float("-inf"))
-        n_img = torch.minimum(k, torch.full_like(k, self.image_pivots))
-        img_piv = vis_norm.topk(min(self.image_pivots, Nv), dim=1).indices  # among visual tokens
+        feats = block.input_layernorm(seq.prev_input).float()
         text = state.instruction_mask
         n_txt = min(self.text_pivots, int(text.sum(1).min()))
-        txt_piv = norm.masked_fill(~text, float("-inf")).topk(n_txt, dim=1).indices if n_txt else vpos[:, :0]
-        ar = torch.arange(img_piv.shape[1], device=vpos.device)[None]
-        taken = ~vvalid | _mark(img_piv, ar < n_img[:, None], Nv)
-        piv_pos = torch.cat([torch.gather(vpos, 1, img_piv), txt_piv], 1)  # sequence positions of pivots
-        piv_feats = torch.gather(feats, 1, piv_pos.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        vis_feats = torch.gather(feats, 1, vpos.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        sim = piv_feats @ vis_feats.transpose(1, 2)  # (B, P, Nv)
-        n_piv = piv_pos.shape[1]
-        rest = k - n_img
-        for j in range(n_piv):
-            share = rest // n_piv + (j < rest % n_piv).long()  # (B,)
-            m = int(share.max())
-            if m == 0:
-                continue
-            s = sim[:, j].masked_fill(taken, float("inf"))
-            pick = (-s).topk(m, dim=1).indices
-            ok = torch.arange(m, device=vpos.device)[None] < share[:, None]
-            taken = taken | _mark(pick, ok, Nv)
-        chosen = taken & vvalid
-        big = Nv + 1
-        idx = torch.where(chosen, torch.arange(Nv, device=vpos.device)[None], torch.full_like(vpos, big))
-        idx = idx.sort(1).values[:, : int(chosen.sum(1).max())]
-        return Selection(indices=torch.where(idx == big, torch.full_like(idx, -1), idx))
+        txt_pos = norm.masked_fill(~text, float("-inf")).topk(n_txt, dim=1).indices
+        gather = lambda x, i: torch.gather(x, 1, i.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+        return Selection(indices=duplication_select(
+            torch.gather(norm, 1, vpos), gather(feats, vpos), vvalid, gather(feats, txt_pos), k, self.image_pivots
+        ))
+
+
+def duplication_select(
+    key_norm: torch.Tensor,
+    feats: torch.Tensor,
+    valid: torch.Tensor,
+    text_pivot_feats: torch.Tensor,
+    k: torch.Tensor,
+    image_pivots: int = 4,
+) -> torch.Tensor:
+    """DART's selection on visual tokens, batched: indices (B, max k), sorted, -1 padded.
+
+    ``key_norm`` (B, N) ranks visual pivots; ``feats`` (B, N, D) and ``text_pivot_feats`` (B, T, D)
+    give cosine similarities; each pivot in turn adds its least-similar unchosen visual tokens.
+    """
+    B, N = key_norm.shape
+    feats = F.normalize(feats.float(), dim=-1)
+    n_img = torch.minimum(k, torch.full_like(k, image_pivots))
+    img_piv = key_norm.float().masked_fill(~valid, float("-inf")).topk(min(image_pivots, N), dim=1).indices
+    ar = torch.arange(img_piv.shape[1], device=k.device)[None]
+    taken = ~valid | _mark(img_piv, ar < n_img[:, None], N)
+    piv = torch.cat([torch.gather(feats, 1, img_piv.unsqueeze(-1).expand(-1, -1, feats.shape[-1])),
+                     F.normalize(text_pivot_feats.float(), dim=-1)], 1)
+    sim = piv @ feats.transpose(1, 2)  # (B, P, N)
+    n_piv = piv.shape[1]
+    rest = k - n_img
+    for j in range(n_piv):
+        share = rest // n_piv + (j < rest % n_piv).long()
+        m = int(share.max())
+        if m == 0:
+            continue
+        pick = (-sim[:, j].masked_fill(taken, float("inf"))).topk(m, dim=1).indices
+        ok = torch.arange(m, device=k.device)[None] < share[:, None]
+        taken = taken | _mark(pick, ok, N)
+    chosen = taken & valid
+    big = N + 1
+    idx = torch.where(chosen, torch.arange(N, device=k.device)[None], torch.full_like(key_norm, big, dtype=torch.long))
+    idx = idx.sort(1).values[:, : int(chosen.sum(1).max())]
+    return torch.where(idx == big, torch.full_like(idx, -1), idx)
 
 
 def _mark(index: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
