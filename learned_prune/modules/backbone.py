@@ -49,6 +49,9 @@ class BackboneModule(pl.LightningModule):
         self.test_acc = AnswerAccuracy()
         self.train_aux = MeanMetric()
 
+    def on_fit_start(self) -> None:
+        self.model.train()  # backbones are built in eval mode; here every part is trained
+
     # ---- steps -----------------------------------------------------------------------------
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
         inner = self.model.model

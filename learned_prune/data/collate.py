@@ -1,0 +1,61 @@
+"""Batching VQA samples for an HF LLaVA processor: training inputs with answer-only labels, and prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class VQACollator:
+    """Collate sample dicts (``image``, ``question``, ``answer``, ...) into model inputs.
+
+    Returns ``input_ids``/``attention_mask``/``pixel_values`` of prompt + answer + EOS (left-padded),
+    ``labels`` = -100 everywhere except the answer tokens and EOS, ``prompt_input_ids``/
+    ``prompt_attention_mask`` (the prompt alone, left-padded, for generation), and passes through
+    ``answers``, ``qtypes``, ``patch_mask``, ``patch_labels`` (stacked), ``boxes`` (list), ``index``.
+    """
+
+    def __init__(self, processor: Any, prompt_template: str = "USER: <image>\n{question} ASSISTANT:") -> None:
+        if "{question}" not in prompt_template or "<image>" not in prompt_template:
+            raise ValueError("prompt_template needs a '<image>' placeholder and a '{question}' field")
+        self.processor = processor
+        self.template = prompt_template
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"
+        images = [Image.fromarray(s["image"]) for s in samples]
+        prompts = [self.template.format(question=s["question"]) for s in samples]
+        answers = [s["answer"] for s in samples]
+        texts = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
+        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        n_answer = [len(tok(f" {a}", add_special_tokens=False)["input_ids"]) + 1 for a in answers]  # + EOS
+        labels = torch.full_like(ids, -100)
+        L = ids.shape[1]
+        for b, n in enumerate(n_answer):
+            labels[b, L - n :] = ids[b, L - n :]
+        # the prompt alone: drop the answer tokens and re-pad on the left
+        rows = [ids[b, mask[b].bool()][: -n] for b, n in enumerate(n_answer)]
+        P = max(r.numel() for r in rows)
+        prompt_ids = torch.full((len(rows), P), tok.pad_token_id, dtype=ids.dtype)
+        prompt_mask = torch.zeros((len(rows), P), dtype=mask.dtype)
+        for b, r in enumerate(rows):
+            prompt_ids[b, P - r.numel() :], prompt_mask[b, P - r.numel() :] = r, 1
+        batch = dict(enc)
+        batch.update(
+            labels=labels,
+            prompt_input_ids=prompt_ids,
+            prompt_attention_mask=prompt_mask,
+            answers=answers,
+            qtypes=[s.get("qtype") for s in samples],
+            index=torch.tensor([s.get("index", -1) for s in samples]),
+        )
+        for key in ("patch_mask", "patch_labels"):
+            if all(key in s for s in samples):
+                batch[key] = torch.stack([s[key] for s in samples])
+        if all("boxes" in s for s in samples):
+            batch["boxes"] = [s["boxes"] for s in samples]
+        return batch

@@ -1,0 +1,79 @@
+"""``ShapesVQADataModule``: ShapesVQA splits as Lightning data loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .collate import VQACollator
+from .shapes import ShapesVQADataset
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
+class ShapesVQADataModule(pl.LightningDataModule):
+    """Train / val / test (``eval_split``: ``test`` or the shifted ``shift``) loaders over ShapesVQA.
+
+    With a ``processor`` batches are model inputs (:class:`VQACollator`); without one they are lists
+    of raw sample dicts. Training order is seeded (``seed``), so runs are reproducible.
+    """
+
+    def __init__(
+        self,
+        processor: Any = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_size: int = 100_000,
+        val_size: int = 512,
+        test_size: int = 1000,
+        seed: int = 0,
+        image_size: int = 96,
+        patch_size: int = 8,
+        prompt_template: str = "USER: <image>\n{question} ASSISTANT:",
+        eval_split: str = "test",
+        question_weights: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if eval_split not in ("test", "shift", "val"):
+            raise ValueError(f"eval_split must be 'test', 'shift' or 'val', got {eval_split!r}")
+        self.processor = processor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        common = dict(seed=seed, image_size=image_size, patch_size=patch_size,
+                      question_weights=dict(question_weights) if question_weights else None)
+        self.train_set = ShapesVQADataset("train", train_size, **common)
+        self.val_set = ShapesVQADataset("val", val_size, **common)
+        self.test_set = ShapesVQADataset(eval_split, test_size, **common)
+        self.collate = VQACollator(processor, prompt_template) if processor is not None else _as_list
+
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,127 @@
+"""ShapesVQA: determinism, disjoint splits, masks vs drawn objects, valid answers, the collator."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from learned_prune.data import QUESTION_TYPES, VOCAB, ShapesVQADataModule, ShapesVQADataset, VQACollator
+from learned_prune.data.shapes import COLOR_NAMES, NUMBERS, SHAPES, SIZE_NAMES
+
+from conftest import get_tiny
+
+
+def _digest(sample) -> str:
+    return hashlib.sha1(sample["image"].tobytes() + sample["question"].encode()).hexdigest()
+
+
+def test_deterministic_per_seed_and_index():
+    a, b = ShapesVQADataset("train", seed=3), ShapesVQADataset("train", seed=3)
+    for i in (0, 7, 99_999):
+        assert _digest(a[i]) == _digest(b[i]) and a[i]["answer"] == b[i]["answer"]
+    assert _digest(ShapesVQADataset("train", seed=4)[0]) != _digest(a[0])
+
+
+def test_splits_use_disjoint_seeds_and_images():
+    splits = {s: ShapesVQADataset(s, size=200) for s in ("train", "val", "test", "shift")}
+    assert len({d.split_seed for d in splits.values()}) == 4
+    hashes = {s: {_digest(d[i]) for i in range(200)} for s, d in splits.items()}
+    names = list(hashes)
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            assert not hashes[x] & hashes[y], (x, y)
+
+
+def test_masks_agree_with_drawn_objects():
+    ds = ShapesVQADataset("test", size=50)
+    g, ps = ds.image_size // ds.patch_size, ds.patch_size
+    for i in range(50):
+        s = ds[i]
+        pix = s["pixel_mask"].numpy()
+        cover = pix.reshape(g, ps, g, ps).mean((1, 3)).reshape(-1)
+        assert np.array_equal(s["patch_mask"].numpy(), cover >= ds.fg_threshold)
+        assert ((s["patch_labels"] >= 0) == s["patch_mask"]).all()
+        for o, box in zip(s["objects"], s["boxes"]):
+            x0, y0, x1, y1 = box.tolist()
+            assert 0 <= x0 < o["cx"] < x1 <= ds.image_size and 0 <= y0 < o["cy"] < y1 <= ds.image_size
+        # the pixel at each object's centre is foreground (objects stay mostly visible)
+        assert all(pix[int(o["cy"]), int(o["cx"])] for o in s["objects"])
+        assert s["patch_mask"].float().mean() < 0.6  # most patches are background
+
+
+def test_patch_labels_name_the_covering_object():
+    ds = ShapesVQADataset("val", size=30)
+    for i in range(30):
+        s = ds[i]
+        classes = {COLOR_NAMES.index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"]) for o in s["objects"]}
+        assert set(s["patch_labels"][s["patch_labels"] >= 0].tolist()) <= classes
+
+
+def test_answers_are_valid_and_balanced():
+    ds = ShapesVQADataset("train", size=2000)
+    seen, yes = {q: 0 for q in QUESTION_TYPES}, []
+    vocab = set(VOCAB)
+    for i in range(1200):
+        s = ds[i]
+        seen[s["qtype"]] += 1
+        q, a, objs = s["question"], s["answer"], s["objects"]
+        assert set(re.findall(r"\w+|[^\w\s]", q)) <= vocab and a in vocab
+        if s["qtype"] == "color":
+            assert a in COLOR_NAMES
+        elif s["qtype"] == "shape":
+            assert a in SHAPES
+        elif s["qtype"] == "size":
+            assert a in SIZE_NAMES
+        elif s["qtype"] == "count":
+            word = q.split()[2]
+            n = sum(o["color"] == word for o in objs) if word in COLOR_NAMES else \
+                sum(o["shape"] + "s" == word for o in objs)
+            assert a == NUMBERS[n]
+        elif s["qtype"] == "exist":
+            color, shape = q.split()[3:5]
+            assert (a == "yes") == any(o["color"] == color and o["shape"] == shape for o in objs)
+            yes.append(a == "yes")
+        else:
+            assert a in ("yes", "no")
+    assert all(v > 0 for v in seen.values()), seen
+    assert 0.35 < np.mean(yes) < 0.65
+
+
+def test_shift_split_has_more_smaller_objects():
+    test, shift = ShapesVQADataset("test", size=100), ShapesVQADataset("shift", size=100)
+    n = lambda d: np.mean([len(d[i]["objects"]) for i in range(100)])  # noqa: E731
+    r = lambda d: np.mean([o["r"] for i in range(100) for o in d[i]["objects"]])  # noqa: E731
+    assert n(shift) > n(test) + 1 and r(shift) < r(test)
+
+
+def test_collator_labels_only_the_answer():
+    model, processor = get_tiny("llava")
+    ds = ShapesVQADataset("val", size=8)
+    batch = VQACollator(processor)([ds[i] for i in range(8)])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    image = model.config.image_token_id
+    assert ((ids == image).sum(1) == 144).all()
+    assert (mask[:, 0] == 0).any()  # left padding
+    tok = processor.tokenizer
+    for b in range(8):
+        answer = labels[b][labels[b] != -100]
+        assert tok.decode(answer[:-1]).strip() == batch["answers"][b] and answer[-1] == tok.eos_token_id
+        prompt = batch["prompt_input_ids"][b][batch["prompt_attention_mask"][b].bool()]
+        full = ids[b][mask[b].bool()]
+        assert torch.equal(full[: prompt.numel()], prompt) and full.numel() == prompt.numel() + answer.numel()
+
+
+def test_datamodule_batches():
+    _, processor = get_tiny("llava")
+    dm = ShapesVQADataModule(processor, batch_size=4, train_size=16, val_size=8, test_size=8)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        batch = next(iter(loader))
+        assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape == (4, 3, 96, 96)
+    raw = ShapesVQADataModule(None, batch_size=3, train_size=6)
+    assert isinstance(next(iter(raw.train_dataloader())), list)
+    with pytest.raises(ValueError, match="eval_split"):
+        ShapesVQADataModule(processor, eval_split="tset")
