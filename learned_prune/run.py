@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> float | None:
     summary = {
         "metrics": metrics,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) if trainer.checkpoint_callback else None,
-        "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None,
+        "last_checkpoint": next((str(c.path) for c in trainer.callbacks if hasattr(c, "every_n_steps")), None),
         "exported_to": next((str(c.exported_to) for c in trainer.callbacks if getattr(c, "exported_to", None)), None),
         "output_dir": cfg.paths.output_dir,
         "global_step": trainer.global_step,

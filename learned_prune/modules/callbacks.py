@@ -34,3 +34,28 @@ class ExportOnTrainEnd(pl.Callback):
             rank_zero_info(f"export: weights from the best checkpoint {best}")
         self.exported_to = Path(pl_module.export(target))
         rank_zero_info(f"export: wrote {self.exported_to}")
+
+
+class LastCheckpoint(pl.Callback):
+    """Keep ``<dirpath>/last.ckpt`` current: every ``every_n_steps`` optimizer steps and when training
+    ends (also on an exception or Ctrl-C), so an interrupted run resumes with ``ckpt_path=.../last.ckpt``."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 100) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._save(trainer)
