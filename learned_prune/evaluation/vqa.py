@@ -54,6 +54,7 @@ class AnswerAccuracy(Metric):
         mask = tgt != -100
         ok = ((pred == tgt) | ~mask).all(1) & mask.any(1)
         qtypes = qtypes or [None] * len(ok)
+        self._update_count += 1
         for o, q in zip(ok.tolist(), qtypes):
             s = self._slot(q)
             self.total[s] += 1

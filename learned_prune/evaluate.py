@@ -1,0 +1,72 @@
+"""What ``eval.py`` does: build backbone + data, run the method x budget grid, write table and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from .evaluation.grid import run_grid
+from .evaluation.report import accuracy_vs_flops_plot, markdown_table
+from .pruners import PRUNERS
+
+
+def head_folders(root: Path) -> list[str]:
+    """Exported pruning heads under ``root``: folders whose config.json names a ``method``."""
+    out = []
+    for cfg in sorted(root.glob("*/config.json")):
+        try:
+            if "method" in json.loads(cfg.read_text()):
+                out.append(str(cfg.parent))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def resolve_methods(methods: list[str] | None, checkpoints: Path) -> list[str]:
+    if methods:
+        unknown = [m for m in methods if m not in PRUNERS and not Path(m).is_dir()]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: use registry names {sorted(PRUNERS)} or head folders")
+        return list(methods)
+    return list(PRUNERS) + head_folders(checkpoints)
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    pl.seed_everything(cfg.seed, workers=True)
+    model, processor = hydra.utils.instantiate(cfg.backbone)
+    datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    loader = datamodule.test_dataloader()
+    dataset = f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
+    timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
+    timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
+                     "pixel_values": timing["pixel_values"]}
+    methods = resolve_methods(cfg.methods, Path(cfg.paths.checkpoints_dir))
+    keeps = [float(k) if isinstance(k, float) else int(k) for k in cfg.keep]
+    out = Path(cfg.paths.output_dir)
+    records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
+                       config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
+                       warmup=cfg.timing.warmup, max_new_tokens=cfg.max_new_tokens)
+    records = [r for r in records if r["dataset"] == dataset]
+    table = markdown_table(records)
+    (out / "results.md").write_text(table)
+    plot = accuracy_vs_flops_plot(records, out / "accuracy_vs_flops.png")
+    logger_cfg = cfg.get("logger")
+    if logger_cfg and "_target_" in logger_cfg:
+        import wandb
+
+        logger = hydra.utils.instantiate(logger_cfg)
+        cols = ["method", "keep", "dataset", "accuracy", "prefill_tflops", "prefill_ms", "peak_mem_mb", "kv_cache_mb"]
+        logger.experiment.log({
+            "results": wandb.Table(columns=cols, data=[[str(r[c]) if c in ("keep",) else r[c] for c in cols]
+                                                       for r in records]),
+            "accuracy_vs_flops": wandb.Image(str(plot)),
+        })
+        logger.experiment.finish()
+    print(table)
+    print(f"results: {out / 'results.jsonl'}\ntable:   {out / 'results.md'}\nplot:    {plot}")
+    return records

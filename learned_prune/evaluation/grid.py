@@ -1,0 +1,108 @@
+"""The method x budget grid of ``eval.py``: accuracy, kept tokens, FLOPs, latency, memory — resumable.
+
+Fair-comparison rules, enforced here: every method runs on the same engine, model, prompts and
+greedy decoding, with fixed seeds; timing follows warm-up runs and uses the same sample; a budget
+``keep`` is the number (or ratio) of visual tokens a method lets reach the LLM's later layers, and
+the per-site counts each method actually kept are recorded (progressive and adaptive methods are
+compared at their mean count, which the records and the plot show).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..pruners import load_pruner
+from .measure import analytic_flops, count_selection_flops, time_prefill_and_generation
+from .report import append_record, load_records, record_key
+from .vqa import AnswerAccuracy, greedy_answers
+
+
+def _pruner(method: str, keep: Any):
+    return load_pruner(method) if method == "none" else load_pruner(method, keep=keep)
+
+
+@torch.no_grad()
+def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, keep: Any,
+                        max_new_tokens: int = 2) -> dict[str, Any]:
+    """Accuracy (overall, per question type) and mean kept visual tokens / FLOPs per sample."""
+    pruner = _pruner(method, keep)
+    select_flops = count_selection_flops(pruner)
+    metric = AnswerAccuracy()
+    kept_sum: dict[str, float] = defaultdict(float)
+    flops_sum: dict[str, float] = defaultdict(float)
+    n = 0
+    image_token = model.config.image_token_id
+    for batch in loader:
+        with pruner(model) as engine:
+            answers = greedy_answers(model, processor, batch, max_new_tokens=max_new_tokens)
+            kept = {s: v.float().cpu() for s, v in engine.kept_tokens.items()}
+        metric.update(answers, batch["answers"], batch.get("qtypes"))
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
+        n_visual = ((ids == image_token) & mask).sum(1)
+        n_text = mask.sum(1) - n_visual
+        for b in range(ids.shape[0]):
+            per_site = {s: float(v[b]) for s, v in kept.items()}
+            for part, value in analytic_flops(model, int(n_text[b]), int(n_visual[b]), per_site).items():
+                flops_sum[part] += value
+            for s, v in per_site.items():
+                kept_sum[s] += v
+        n += ids.shape[0]
+    by_type = {k: float(v) for k, v in metric.compute_all().items() if k != "acc"}
+    flops = {k: v / n for k, v in flops_sum.items()}
+    flops["pruner"] = sum(select_flops) / max(n, 1)
+    return {
+        "accuracy": float(metric.compute()),
+        "accuracy_by_type": by_type,
+        "kept_tokens": {s: v / n for s, v in kept_sum.items()},
+        "flops": flops,
+        "prefill_tflops": sum(flops.values()) / 1e12,
+        "n_samples": n,
+    }
+
+
+def run_grid(
+    model: torch.nn.Module,
+    processor: Any,
+    loader: Iterable[dict],
+    timing_inputs: dict,
+    methods: Sequence[str],
+    keeps: Sequence[Any],
+    dataset: str,
+    out_dir: Path,
+    config: dict | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    max_new_tokens: int = 2,
+) -> list[dict[str, Any]]:
+    """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
+
+    Records already in that file are skipped, so an interrupted grid resumes where it stopped.
+    ``none`` runs once (its budget is ``"all"``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    records = load_records(path)
+    done = {record_key(r) for r in records}
+    grid = [("none", "all")] if "none" in methods else []
+    grid += [(m, k) for m in methods if m != "none" for k in keeps]
+    todo = [(m, k) for m, k in grid if record_key({"method": m, "keep": k, "dataset": dataset}) not in done]
+    bar = tqdm(todo, desc="eval grid", unit="run", initial=len(grid) - len(todo), total=len(grid))
+    for method, keep in bar:
+        bar.set_postfix_str(f"{method} keep={keep}")
+        start = time.time()
+        torch.manual_seed(0)
+        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens)
+        timing = time_prefill_and_generation(model, _pruner(method, keep), timing_inputs, repeats, warmup,
+                                             max_new_tokens)
+        record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
+                  "seconds": round(time.time() - start, 1), "config": config or {}}
+        append_record(path, record)
+        records.append(record)
+    return records

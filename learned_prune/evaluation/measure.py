@@ -1,0 +1,117 @@
+"""Efficiency measurements of one pruner on one batch: FLOPs, latency, peak memory, KV-cache bytes."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..engine import parse_site
+from .flops import prefill_flops
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _RssPeak:
+    """Peak resident-memory growth of this process while active (CPU), sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "_RssPeak":
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def count_selection_flops(pruner: Any) -> list[float]:
+    """Wrap ``select`` on this pruner instance (and composed ones) to count its matmul FLOPs per call."""
+    calls: list[float] = []
+    for p in getattr(pruner, "pruners", [pruner]):
+        if not hasattr(p, "select"):
+            continue
+        original = p.select
+
+        def select(state, original=original):
+            with FlopCounterMode(display=False) as counter:
+                out = original(state)
+            calls.append(float(counter.get_total_flops()))
+            return out
+
+        p.select = select
+    return calls
+
+
+def analytic_flops(model: torch.nn.Module, n_text: int, n_visual: int, kept: dict[str, float]) -> dict[str, float]:
+    """Prefill FLOPs of one sample split into LLM / vision / projector, from per-site kept counts."""
+    tc, vc = model.config.text_config, model.config.vision_config
+    n_layers = tc.num_hidden_layers
+    per_layer = {parse_site(s, n_layers): round(k) for s, k in kept.items()}
+    grid = (vc.image_size // vc.patch_size) ** 2
+    tiles = max(1, round(n_visual / grid))
+    f = prefill_flops(
+        n_text, n_visual, per_layer, num_layers=n_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
+        vision_layers=vc.num_hidden_layers, vision_hidden=vc.hidden_size, vision_intermediate=vc.intermediate_size,
+        vision_tokens=tiles * (grid + 1),
+    )
+    return {"llm": f.llm, "vision": f.vision, "projector": f.projector}
+
+
+@torch.no_grad()
+def time_prefill_and_generation(
+    model: torch.nn.Module, pruner: Any, inputs: dict, repeats: int = 5, warmup: int = 2, max_new_tokens: int = 2
+) -> dict[str, float]:
+    """Median prefill latency (after warm-up), total generation latency, peak memory, KV-cache MB."""
+    device = next(model.parameters()).device
+    with pruner(model):
+        for _ in range(warmup):
+            model(**inputs, use_cache=False)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t = time.perf_counter()
+            model(**inputs, use_cache=False)
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with _RssPeak() as rss:
+            out = model(**inputs, use_cache=True)
+        peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else rss.peak - rss.base
+        cache = out.past_key_values
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                 if t is not None)
+        _sync(device)
+        t = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        _sync(device)
+        gen = (time.perf_counter() - t) * 1000
+    return {"prefill_ms": statistics.median(times), "generate_ms": gen, "peak_mem_mb": peak / 2**20,
+            "kv_cache_mb": kv / 2**20}

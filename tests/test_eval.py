@@ -1,0 +1,81 @@
+"""eval.py's pieces: metrics against hand counts, the grid's records and resumption, the outputs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from learned_prune.data import ShapesVQADataModule
+from learned_prune.evaluation import AnswerAccuracy, normalize_answer
+from learned_prune.evaluation.grid import run_grid
+from learned_prune.evaluation.measure import analytic_flops
+from learned_prune.evaluation.report import accuracy_vs_flops_plot, load_records, markdown_table
+
+from conftest import get_tiny
+
+
+def test_answer_accuracy_by_hand():
+    m = AnswerAccuracy(types=["color", "count"])
+    m.update(["Red.", "blue", " two </s>", "yes"], ["red", "green", "two", "no"], ["color", "color", "count", "exist"])
+    # correct: red (color), two (count); wrong: blue (color), yes (other)
+    assert abs(float(m.compute()) - 2 / 4) < 1e-6
+    allm = m.compute_all()
+    assert abs(float(allm["acc_color"]) - 0.5) < 1e-6 and abs(float(allm["acc_count"]) - 1.0) < 1e-6
+    assert normalize_answer("  Yes, it is") == "yes"
+
+
+def test_teacher_forced_accuracy_by_hand():
+    m = AnswerAccuracy(types=["color"])
+    logits = torch.zeros(2, 4, 5)
+    labels = torch.full((2, 4), -100)
+    labels[:, 2:] = torch.tensor([[3, 1], [2, 1]])
+    logits[0, 1, 3] = logits[0, 2, 1] = 1  # sample 0: both answer tokens right
+    logits[1, 1, 4] = logits[1, 2, 1] = 1  # sample 1: first token wrong
+    m.update_from_logits(logits, labels, ["color", "color"])
+    assert float(m.compute()) == 0.5
+
+
+def test_analytic_flops_follow_kept_counts():
+    model, _ = get_tiny("llava")
+    full = analytic_flops(model, 10, 144, {})
+    pruned = analytic_flops(model, 10, 144, {"vision": 16})
+    assert full["vision"] == pruned["vision"] and pruned["llm"] < full["llm"]
+    tc = model.config.text_config
+    d, m, L = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+    n = 26
+    assert pruned["llm"] == L * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
+
+
+def _grid(tmp_path, methods, keeps):
+    model, processor = get_tiny("llava")
+    dm = ShapesVQADataModule(processor, batch_size=4, test_size=8, val_size=4, train_size=4)
+    batch = next(iter(dm._loader(dm.test_set, False, 1)))
+    timing = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
+              "pixel_values": batch["pixel_values"]}
+    return run_grid(model, processor, dm.test_dataloader(), timing, methods, keeps, "shapes:test", tmp_path,
+                    config={"note": "test"}, repeats=1, warmup=0)
+
+
+def test_grid_records_parse_resume_and_report(tmp_path):
+    records = _grid(tmp_path, ["none", "fastv", "fastervlm"], [0.11, 32])
+    assert [(r["method"], r["keep"]) for r in records] == [
+        ("none", "all"), ("fastv", 0.11), ("fastv", 32), ("fastervlm", 0.11), ("fastervlm", 32)]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    required = {"method", "keep", "dataset", "accuracy", "kept_tokens", "prefill_tflops", "prefill_ms",
+                "peak_mem_mb", "kv_cache_mb", "config", "generate_ms", "accuracy_by_type", "flops"}
+    assert all(required <= set(r) for r in parsed)
+    fastv = next(r for r in parsed if r["method"] == "fastv" and r["keep"] == 32)
+    assert fastv["kept_tokens"] == {"llm:2": 32.0} and fastv["flops"]["pruner"] > 0
+    assert fastv["prefill_tflops"] < parsed[0]["prefill_tflops"] and fastv["kv_cache_mb"] < parsed[0]["kv_cache_mb"]
+    # resumption: a second run skips finished records and adds only the new budget
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"method": "truncated')  # an interrupted write
+    again = _grid(tmp_path, ["none", "fastv", "fastervlm"], [0.11, 32, 16])
+    assert len(load_records(tmp_path / "results.jsonl")) == 7
+    assert sum(r["keep"] == 16 for r in again) == 2
+    table = markdown_table(again)
+    assert table.count("\n") == 2 + 7 and "fastervlm" in table
+    png = accuracy_vs_flops_plot(again, tmp_path / "p.png")
+    assert png.stat().st_size > 1000
