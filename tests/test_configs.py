@@ -100,3 +100,12 @@ def test_train_backbone_fast_dev_run(tmp_path):
     exported = Path(summary["exported_to"])
     assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
     assert not str(exported).startswith(str(ROOT / "checkpoints"))  # a dev run never overwrites shipped weights
+
+
+@pytest.mark.parametrize("option", ["deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"])
+def test_deepspeed_strategies_instantiate_on_cpu(compose_train, option):
+    cfg = compose_train("module=atp", f"trainer={option}")
+    strategy = instantiate(cfg.trainer.strategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == (3 if option.endswith("3") else 2)
+    assert bool(zero.get("offload_optimizer")) == option.endswith("offload")

@@ -93,11 +93,12 @@ def llm_attention(state: "PruneState", queries: str | torch.Tensor, layer: str) 
     scores = (q.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (B, H, R, L)
     L = keys.shape[2]
     allowed = seq.valid[:, None, :] & (torch.arange(L, device=q.device)[None, None] <= qpos[:, :, None])
+    allowed = allowed | ~qvalid[:, :, None]  # padded query rows: harmless values, weighted by 0 below
     if seq.keep_prob is not None:
         scores = scores + torch.log(seq.keep_prob.float() + state.engine.soft_eps)[:, None, None, :]
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = scores.softmax(-1).mean(1)  # (B, R, L)
-    probs = (probs * qvalid[..., None]).sum(1) / qvalid.sum(1, keepdim=True).clamp_min(1)
+    probs = torch.where(qvalid[..., None], probs, 0).sum(1) / qvalid.sum(1, keepdim=True).clamp_min(1)
     out = torch.gather(probs, 1, state.visual_pos)
     return out.masked_fill(~state.visual_valid, 0).to(x.dtype)
 

@@ -19,13 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pruners import load_pruner
+from ..pruners.heads import is_adaptive
 from .measure import analytic_flops, count_selection_flops, time_prefill_and_generation
 from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
 
 def _pruner(method: str, keep: Any):
-    return load_pruner(method) if method == "none" else load_pruner(method, keep=keep)
+    if method == "none" or keep == "adaptive":
+        return load_pruner(method)
+    return load_pruner(method, keep=keep)
 
 
 @torch.no_grad()
@@ -91,7 +94,9 @@ def run_grid(
     records = load_records(path)
     done = {record_key(r) for r in records}
     grid = [("none", "all")] if "none" in methods else []
-    grid += [(m, k) for m in methods if m != "none" for k in keeps]
+    for m in methods:
+        if m != "none":
+            grid += [(m, "adaptive")] if is_adaptive(m) else [(m, k) for k in keeps]
     todo = [(m, k) for m, k in grid if record_key({"method": m, "keep": k, "dataset": dataset}) not in done]
     bar = tqdm(todo, desc="eval grid", unit="run", initial=len(grid) - len(todo), total=len(grid))
     for method, keep in bar:

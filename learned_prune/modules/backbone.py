@@ -132,6 +132,8 @@ class BackboneModule(pl.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Write the trained model, tokenizer and image processor with ``save_pretrained``."""
         directory = Path(directory)
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         if self.processor is not None:

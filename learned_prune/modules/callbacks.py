@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info
 
 
 class ExportOnTrainEnd(pl.Callback):
@@ -14,13 +14,14 @@ class ExportOnTrainEnd(pl.Callback):
 
     ``dir`` is ``pl_module.hparams.export_dir``. A ``fast_dev_run`` never writes there (it would
     overwrite a shipped checkpoint with an untrained one): it exports under the run directory.
+    Runs on every rank (ZeRO-3 must gather partitioned weights collectively); ``export`` writes on
+    rank 0.
     """
 
     def __init__(self, use_best: bool = True) -> None:
         self.use_best = use_best
         self.exported_to: Path | None = None
 
-    @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not hasattr(pl_module, "export"):
             return

@@ -1,0 +1,177 @@
+"""The base LightningModule of learned pruning: a frozen backbone and a trainable head.
+
+* The backbone is frozen (``requires_grad_(False)``, ``eval()``), is not in the optimizer, and is
+  not written to Lightning checkpoints: they hold the head (and LoRA adapters, if trained) plus
+  ``backbone_ref``, the name or path the backbone came from.
+* Training runs the engine in **soft** mode (keep-probabilities as log-masks, gradients reach the
+  head); validation and test run it in **hard** mode (tokens removed, greedy answers).
+* Loss = task loss (next-token CE on answer tokens only) + ``budget_weight`` x the head's budget
+  loss + ``distill_weight`` x KL(unpruned frozen backbone || pruned) on the answer tokens
+  (DynamicViT's recipe; 0 disables it).
+* Logs: ``train/`` and ``val/`` losses, accuracy (torchmetrics), kept-token fraction per site and
+  budget error. Method-specific code lives in the head, not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..engine import Engine
+from ..evaluation.vqa import AnswerAccuracy, greedy_answers
+from ..pruners.learned import LearnedHead
+
+
+class LearnedPrunerModule(pl.LightningModule):
+    """Train ``head`` on a frozen ``model``; ``export()`` writes the head folder."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: LearnedHead,
+        processor: Any = None,
+        backbone_ref: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        max_steps: int | None = None,
+        budget_weight: float = 2.0,
+        distill_weight: float = 0.5,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "head", "processor"])
+        self.model = model
+        self.processor = processor
+        self.head = head
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.val_acc, self.test_acc = AnswerAccuracy(), AnswerAccuracy()
+        self.val_kept, self.test_kept = MeanMetric(), MeanMetric()
+
+    # ---- the frozen backbone stays frozen and out of checkpoints ---------------------------------
+    def train(self, mode: bool = True) -> "LearnedPrunerModule":
+        super().train(mode)
+        self.model.eval()  # frozen: never in training mode
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if not k.startswith("model.") or k in trainable}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, **kwargs: Any) -> Any:
+        own = super().state_dict()
+        missing = [k for k in own if k not in state_dict and not k.startswith("model.")]
+        if strict and missing:
+            raise KeyError(f"checkpoint lacks head weights {missing[:5]}")
+        return super().load_state_dict(state_dict, strict=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["backbone_ref"] = self.hparams.backbone_ref
+
+    # ---- losses ---------------------------------------------------------------------------
+    def _inputs(self, batch: dict) -> dict:
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+        return {k: batch[k] for k in keys if k in batch}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = batch["labels"]
+        with Engine(self.model, [self.head], mode="soft") as engine:
+            out = self.model(**self._inputs(batch), labels=labels, use_cache=False)
+        task = out.loss
+        budget, logs = self.head.budget_loss()
+        loss = task + self.hparams.budget_weight * budget
+        bs = labels.shape[0]
+        if self.hparams.distill_weight > 0:
+            with torch.no_grad():
+                teacher = self.model(**self._inputs(batch), use_cache=False).logits
+            mask = labels[:, 1:] != -100
+            s = F.log_softmax(out.logits[:, :-1][mask].float(), -1)
+            t = F.log_softmax(teacher[:, :-1][mask].float(), -1)
+            distill = F.kl_div(s, t, log_target=True, reduction="batchmean")
+            loss = loss + self.hparams.distill_weight * distill
+            self.log("train/distill_loss", distill, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/task_loss", task, batch_size=bs)
+        self.log("train/budget_loss", budget, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, prog_bar=k == "budget_error", batch_size=bs)
+        del engine
+        return loss
+
+    def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
+        with Engine(self.model, [self.head], mode="hard") as engine:
+            answers = greedy_answers(self.model, self.processor, batch)
+        acc.update(answers, batch["answers"], batch.get("qtypes"))
+        _, logs = self.head.budget_loss()
+        bs = len(answers)
+        for k, v in logs.items():
+            self.log(f"{stage}/{k}", v, batch_size=bs, sync_dist=True)
+        ids = batch["prompt_input_ids"]
+        n_vis = ((ids == self.model.config.image_token_id) & batch["prompt_attention_mask"].bool()).sum(1)
+        last = list(engine.kept_tokens.values())[-1] if engine.kept_tokens else n_vis
+        kept.update(last.float().mean())
+        self.log(f"{stage}/kept_tokens", kept, batch_size=bs)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, self.val_kept, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, self.test_kept, "test")
+
+    def _epoch_end(self, acc: AnswerAccuracy, stage: str) -> None:
+        for k, v in acc.compute_all().items():
+            self.log(f"{stage}/{k}", v, prog_bar=k == "acc", sync_dist=True)
+        acc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end(self.val_acc, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end(self.test_acc, "test")
+
+    # ---- optimisation: the head (and LoRA adapters) only ------------------------------------
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.hparams.max_steps or self.trainer.estimated_stepping_batches
+        warm = max(1, min(self.hparams.warmup_steps, max(1, total // 10)))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+    # ---- export ---------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (head only) for ``load_pruner(directory)``.
+
+        Call it on every rank: under DeepSpeed ZeRO-3 the head's parameters are partitioned, and
+        saving them without gathering writes empty tensors; they are gathered here (a collective)
+        and written by global rank 0 only.
+        """
+        self.head.backbone = {**self.head.backbone, "name_or_path": self.hparams.backbone_ref}
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.head.parameters()), modifier_rank=None):
+                if strategy.is_global_zero:
+                    self.head.save_pretrained(directory)
+            strategy.barrier("export")
+            return Path(directory)
+        if trainer is None or trainer.is_global_zero:
+            self.head.save_pretrained(directory)
+        return Path(directory)

@@ -1,0 +1,44 @@
+"""Learned heads by method name, and ``load_head(folder)`` for exported head folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .atp import ATPHead
+from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
+
+HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead}
+
+
+def is_adaptive(name: str) -> bool:
+    """True for a head folder whose method sets its own kept count (evaluated once, at its mean)."""
+    cfg = Path(name) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    method = json.loads(cfg.read_text()).get("method")
+    return method in HEADS and HEADS[method].adaptive
+
+
+def load_head(folder: str | Path, **overrides: Any) -> LearnedHead:
+    """Rebuild an exported head: ``config.json`` gives the method and hyper-parameters,
+    ``model.safetensors`` the weights. ``overrides`` change hyper-parameters that do not affect the
+    weights (e.g. ``target``); the backbone sizes are checked when the head is installed."""
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is not an exported head: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = json.loads(cfg_path.read_text())
+    method = config.get("method")
+    if method not in HEADS:
+        raise ValueError(f"{folder}: unknown head method {method!r}; known: {sorted(HEADS)}")
+    if "keep" in overrides and HEADS[method].adaptive:
+        raise ValueError(f"{folder}: {method} heads choose their kept count per instance; "
+                         "they take no `keep` (their training target sets the mean)")
+    hparams = {**config["hparams"], **overrides}
+    head = HEADS[method](**hparams)
+    head.load_weights(folder)
+    head.backbone = dict(config.get("backbone") or {})
+    head.eval()
+    return head

@@ -1,0 +1,102 @@
+"""Shared base of learned pruning heads: an ``nn.Module`` that is also a pruner, and exports as a folder.
+
+A head follows the pruner protocol (``sites``/``prepare``/``select``, used as ``with head(model):``)
+and records what its training losses need while it runs. ``save_pretrained(folder)`` writes
+``config.json`` (method, hyper-parameters, sites, backbone id and sizes, library version) and
+``model.safetensors`` (the head's weights only); :func:`learned_prune.pruners.heads.load_head`
+rebuilds it and refuses a backbone of other sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..engine.core import Engine
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def backbone_signature(adapter: Any) -> dict[str, Any]:
+    """The sizes a head depends on, recorded at export and checked at load."""
+    tc, vc = adapter.text_config, adapter.vision_config
+    return {
+        "text_hidden_size": tc.hidden_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads,
+        "vision_hidden_size": vc.hidden_size,
+        "image_size": vc.image_size,
+        "patch_size": vc.patch_size,
+    }
+
+
+class LearnedHead(nn.Module):
+    """Base of learned heads. Subclasses set ``method`` and implement ``sites``, ``select``,
+    ``budget_loss`` and ``hparams`` (the constructor arguments to save)."""
+
+    method: str = ""
+    adaptive: bool = False  # True: the head picks its kept count per instance and takes no `keep`
+    repack_positions: bool | None = False  # soft training never moves tokens; inference must match
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone: dict[str, Any] = {}  # signature of the backbone the head was built for
+
+    # ---- pruner protocol -----------------------------------------------------------------
+    def sites(self, adapter: Any) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare(self, adapter: Any) -> None:
+        have = backbone_signature(adapter)
+        if self.backbone:
+            diff = {k: (v, have[k]) for k, v in self.backbone.items() if k in have and have[k] != v}
+            if diff:
+                want = ", ".join(f"{k}={a}" for k, (a, _) in diff.items())
+                got = ", ".join(f"{k}={b}" for k, (_, b) in diff.items())
+                name = self.backbone.get("name_or_path", "its training backbone")
+                raise ValueError(
+                    f"this {self.method} head was trained on {name} ({want}) but the model has {got}; "
+                    "load it on the backbone it was trained for, or train a head for this one"
+                )
+        else:
+            self.backbone = have
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # ``head(model)`` / ``head(model, mode="soft")`` installs it like any pruner
+        if len(args) == 1 and isinstance(args[0], nn.Module) and hasattr(args[0], "config") and set(kwargs) <= {"mode"}:
+            return Engine(args[0], [self], mode=kwargs.get("mode", "hard"))
+        return super().__call__(*args, **kwargs)
+
+    # ---- training hooks ------------------------------------------------------------------
+    def budget_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        """The budget/ratio loss of the last forward pass and the values worth logging."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- export / load -------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        from .. import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"method": self.method, "hparams": self.hparams(), "backbone": self.backbone,
+                  "library_version": __version__, **(extra or {})}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"method": self.method})
+        return folder
+
+    def load_weights(self, folder: str | Path) -> None:
+        state = load_file(str(Path(folder) / WEIGHTS_NAME))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not fit this {self.method} head "
+                             f"(missing {missing[:4]}, unexpected {unexpected[:4]})")

@@ -1,0 +1,117 @@
+"""ATP end to end: fast dev run, frozen backbone untouched, export/load round trip, sweep file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from learned_prune import load_pruner, tiny_llava
+from learned_prune.run import build, train
+
+from conftest import make_batch
+from test_configs import CONFIGS, ROOT
+
+TINY = [
+    "module=atp", "backbone=tiny_init", "backbone.vision_hidden=32", "backbone.text_hidden=32",
+    "backbone.text_layers=8", "backbone.vision_layers=2", "backbone.intermediate_size=64", "data.batch_size=4",
+    "data.val_size=4", "data.test_size=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+    "logger=csv", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
+]
+
+
+def _cfg(out: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose("train", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = str(out)
+        cfg.module.export_dir = str(out / "atp-head")
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.max_steps=3", "test=false")
+    parts = build(cfg)
+    model, module, trainer = parts["model"], parts["module"], parts["trainer"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    trainer.fit(module, datamodule=parts["datamodule"])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen backbone changed"
+    assert any(not torch.equal(head_before[k], v) for k, v in module.head.state_dict().items()), "head did not train"
+    # Lightning checkpoints hold the head only, plus where the backbone came from
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all(k.startswith("head.") for k in ckpt["state_dict"])
+    assert ckpt["backbone_ref"] == "tiny_llava"
+    export = tmp_path / "atp-head"
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    config_dims = yaml.safe_load((CONFIGS / "backbone" / "tiny_init.yaml").read_text())
+    dims = {k: v for k, v in config_dims.items() if not k.startswith("_") and k != "seed"}
+    default_backbone, _ = tiny_llava(**dims)  # the embedded default's shape
+    from learned_prune.pruners.atp import ATPHead
+
+    head = ATPHead(dims["text_hidden"], dims["text_layers"])
+    n_head = sum(p.numel() for p in head.parameters())
+    assert n_head < 0.02 * sum(p.numel() for p in default_backbone.parameters())
+    config = json.loads((export / "config.json").read_text())
+    assert config["method"] == "atp" and config["backbone"]["text_hidden_size"] == 32
+
+
+def test_export_load_round_trip_and_size_check(tmp_path):
+    train(_cfg(tmp_path, "trainer.max_steps=2", "test=false"))
+    head = load_pruner(str(tmp_path / "atp-head"))
+    model, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+                                  intermediate_size=64, seed=0)
+    batch = make_batch(processor, 3)
+    with torch.no_grad(), head(model) as engine:
+        out = model(**batch)
+    assert out.logits.shape[1] < batch["input_ids"].shape[1]
+    assert set(engine.kept_tokens) == {f"llm:{k}" for k in head.layers}
+    with pytest.raises(ValueError, match="keep"):
+        load_pruner(str(tmp_path / "atp-head"), keep=16)
+    other, _ = tiny_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
+        with head(other):
+            pass
+
+
+def test_atp_hard_mode_keeps_a_varying_count_per_instance():
+    from learned_prune.pruners.atp import ATPHead
+
+    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    head = ATPHead(64, 8).eval()
+    batch = make_batch(processor, 3)
+    with torch.no_grad(), head(model) as engine:
+        model(**batch)
+    counts = engine.kept_tokens[f"llm:{head.layers[-1]}"]
+    assert (counts > 0).all() and (counts <= 144).all()
+
+
+def test_sweep_parameters_are_valid_overrides():
+    for path in sorted((CONFIGS / "sweep").glob("*.yaml")):
+        sweep = yaml.safe_load(path.read_text())
+        assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
+        module = next(c for c in sweep["command"] if str(c).startswith("module="))
+        overrides = [module]
+        for key, spec in sweep["parameters"].items():
+            value = spec["values"][0] if "values" in spec else spec.get("min", spec.get("value"))
+            overrides.append(f"{key}={value}")
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+            cfg = compose("train", overrides=overrides)  # raises on an unknown key
+        GlobalHydra.instance().clear()
+        for key in sweep["parameters"]:
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+        assert sweep["metric"]["name"] == cfg.optimized_metric
