@@ -36,6 +36,18 @@ def resolve_methods(methods: list[str] | None, checkpoints: Path) -> list[str]:
     return list(PRUNERS) + head_folders(checkpoints)
 
 
+def method_options(config_dir: Path) -> dict[str, dict]:
+    """Constructor arguments per method from ``configs/method/<name>.yaml`` (the budget is the grid's)."""
+    import yaml
+
+    out = {}
+    for path in sorted(config_dir.glob("*.yaml")):
+        values = yaml.safe_load(path.read_text()) or {}
+        name = values.pop("name", path.stem)
+        out[name] = {k: v for k, v in values.items() if k != "keep"}
+    return out
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     model, processor = hydra.utils.instantiate(cfg.backbone)
@@ -50,7 +62,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
-                       warmup=cfg.timing.warmup, max_new_tokens=cfg.max_new_tokens)
+                       warmup=cfg.timing.warmup, max_new_tokens=cfg.max_new_tokens,
+                       options=method_options(Path(cfg.paths.root_dir) / "configs" / "method"))
     records = [r for r in records if r["dataset"] == dataset]
     table = markdown_table(records)
     (out / "results.md").write_text(table)

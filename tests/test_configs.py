@@ -109,3 +109,13 @@ def test_deepspeed_strategies_instantiate_on_cpu(compose_train, option):
     zero = strategy.config["zero_optimization"]
     assert zero["stage"] == (3 if option.endswith("3") else 2)
     assert bool(zero.get("offload_optimizer")) == option.endswith("offload")
+
+
+def test_every_registered_pruner_has_a_method_config():
+    from learned_prune import PRUNERS, load_pruner
+    from learned_prune.evaluate import method_options
+
+    options = method_options(CONFIGS / "method")
+    assert set(options) == set(PRUNERS)
+    for name, kwargs in options.items():
+        load_pruner(name, **kwargs)

@@ -25,17 +25,18 @@ from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
 
-def _pruner(method: str, keep: Any):
+def _pruner(method: str, keep: Any, options: dict[str, dict] | None = None):
+    kwargs = dict((options or {}).get(method, {}))
     if method == "none" or keep == "adaptive":
-        return load_pruner(method)
-    return load_pruner(method, keep=keep)
+        return load_pruner(method, **kwargs)
+    return load_pruner(method, keep=keep, **kwargs)
 
 
 @torch.no_grad()
 def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, keep: Any,
-                        max_new_tokens: int = 2) -> dict[str, Any]:
+                        max_new_tokens: int = 2, options: dict[str, dict] | None = None) -> dict[str, Any]:
     """Accuracy (overall, per question type) and mean kept visual tokens / FLOPs per sample."""
-    pruner = _pruner(method, keep)
+    pruner = _pruner(method, keep, options)
     select_flops = count_selection_flops(pruner)
     metric = AnswerAccuracy()
     kept_sum: dict[str, float] = defaultdict(float)
@@ -83,11 +84,13 @@ def run_grid(
     repeats: int = 5,
     warmup: int = 2,
     max_new_tokens: int = 2,
+    options: dict[str, dict] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
 
     Records already in that file are skipped, so an interrupted grid resumes where it stopped.
-    ``none`` runs once (its budget is ``"all"``).
+    ``none`` runs once (its budget is ``"all"``), adaptive heads once (``"adaptive"``, compared at their
+    mean kept count). ``options`` maps a method to its constructor arguments (configs/method/<name>.yaml).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
@@ -103,8 +106,8 @@ def run_grid(
         bar.set_postfix_str(f"{method} keep={keep}")
         start = time.time()
         torch.manual_seed(0)
-        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens)
-        timing = time_prefill_and_generation(model, _pruner(method, keep), timing_inputs, repeats, warmup,
+        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options)
+        timing = time_prefill_and_generation(model, _pruner(method, keep, options), timing_inputs, repeats, warmup,
                                              max_new_tokens)
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
                   "seconds": round(time.time() - start, 1), "config": config or {}}
