@@ -65,7 +65,8 @@ def hf_segment(model, hidden: torch.Tensor, pos: torch.Tensor, start: int, end: 
     try:  # one extra layer so the wanted output is an un-normed entry of hidden_states
         lm.layers = nn.ModuleList(list(layers)[start : end + 1])
         lm.config.num_hidden_layers = end + 1 - start
-        out = lm(inputs_embeds=hidden, position_ids=pos, use_cache=False, output_hidden_states=True)
+        mask = torch.ones(pos.shape, dtype=torch.long, device=pos.device)  # else HF reads gapped ids as packing
+        out = lm(inputs_embeds=hidden, position_ids=pos, attention_mask=mask, use_cache=False, output_hidden_states=True)
     finally:
         lm.layers = layers
         lm.config.num_hidden_layers = n

@@ -148,7 +148,7 @@ def test_fastv_ranks_by_last_token_attention_of_previous_layer():
 
 
 def test_pyramiddrop_stage_counts():
-    pruner = load_pruner("pyramiddrop", keep=0.5)
+    pruner = load_pruner("pyramiddrop", keep=72)
     counts = pruner.stage_counts(torch.tensor([576]), 3)
     assert [int(c) for c in counts] == [288, 144, 72]
     assert resolve_keep(64, torch.tensor([144])).item() == 64

@@ -92,12 +92,20 @@ class Engine:
                 self.sites.setdefault(parse_site(s, n), []).append((p, s))
         for lst in self.sites.values():  # the vision site acts before any llm:0 pruner
             lst.sort(key=lambda ps: ps[1] != "vision")
+        # pruners that watch layers run (e.g. TransPrune's token transitions): layer -> pruners
+        self.observers: dict[int, list[Any]] = {}
+        for p in self.pruners:
+            for i in getattr(p, "observe_layers", lambda adapter: [])(self.adapter):
+                if not 0 <= i < n:
+                    raise ValueError(f"{type(p).__name__} observes layer {i}, but the LLM has {n} layers")
+                self.observers.setdefault(i, []).append(p)
         self._handles: list[Any] = []
         self._installed = False
         self._input_ids: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self._vision: dict[str, Any] | None = None
         self._captured_keys: dict[int, torch.Tensor] = {}
+        self._captured_attn: dict[int, torch.Tensor] = {}
         self._run: _Run | None = None
         self.kept_tokens: dict[str, torch.Tensor] = {}
         self.output_index: torch.Tensor | None = None
@@ -121,6 +129,8 @@ class Engine:
                 if k >= 1:
                     kp = a.lm.layers[k - 1].self_attn.k_proj
                     self._handles.append(kp.register_forward_hook(self._key_hook(k - 1)))
+            for i in self.observers:
+                self._handles.append(a.lm.layers[i].self_attn.register_forward_hook(self._attn_hook(i)))
             self._installed = True
         except BaseException:
             self._remove()
@@ -141,6 +151,7 @@ class Engine:
         self._vision = None
         self._input_ids = None
         self._captured_keys.clear()
+        self._captured_attn.clear()
         self._installed = False
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -203,6 +214,12 @@ class Engine:
             return out
 
         return get_image_features
+
+    def _attn_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            self._captured_attn[layer] = output[0] if isinstance(output, tuple) else output
+
+        return hook
 
     def _key_hook(self, layer: int) -> Any:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -271,6 +288,7 @@ class Engine:
         rope = lm.rotary_emb(embeds, seq.pos)
         mask = build_mask(seq.valid, None, q, embeds.dtype)
         self._captured_keys.clear()
+        self._captured_attn.clear()
         for i, layer in enumerate(lm.layers):
             if i in self.sites and bool(seq.is_visual.any()):
                 seq, offset = self._apply_sites(i, seq, group.offset)
@@ -291,6 +309,11 @@ class Engine:
                 **kwargs,
             )
             seq.prev_keys = self._captured_keys.pop(i, None)
+            if i in self.observers:  # the residual stream before/after attention and after the MLP
+                h_in = seq.prev_input
+                h_mid = h_in + self._captured_attn.pop(i)
+                for p in self.observers[i]:
+                    p.observe(i, h_in, h_mid, seq.hidden, seq)
         last_pos = torch.where(seq.valid, seq.pos, torch.full_like(seq.pos, -1)).amax(1) + 1
         for g in run.groups:
             g.next_pos = last_pos + (group.offset - g.offset)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class Sequence:
     keep_prob: torch.Tensor | None = None  # (B, L) soft mode only
     prev_input: torch.Tensor | None = None  # input of the layer just run (signals of layer K-1)
     prev_keys: torch.Tensor | None = None  # k_proj output of the layer just run, (B, L, H_kv*hd)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token (B, L) state of pruners
 
     @property
     def is_visual(self) -> torch.Tensor:
@@ -65,6 +66,7 @@ class Sequence:
             keep_prob=rows(self.keep_prob),
             prev_input=rows(self.prev_input),
             prev_keys=rows(self.prev_keys),
+            extras={k: rows(v) for k, v in self.extras.items()},
         )
 
 

@@ -25,8 +25,9 @@ class PyramidDrop(Pruner):
     by the attention of the last instruction token.
 
     Defaults as the paper for LLaVA-1.5-7B: boundaries at 8/16/24 of 32 layers (scaled by depth),
-    ratio (lambda) 0.5. ``keep`` is the count kept at the first boundary; each later boundary keeps
-    ``ratio`` of the previous stage (``keep=0.5`` reproduces the official 288/144/72 of 576). The
+    ratio (lambda) 0.5. ``keep`` is the count that reaches the layers after the last boundary (the
+    project's budget rule); earlier stages keep ``keep / ratio**j`` (``keep=72`` of 576 reproduces
+    the official 288/144/72). The
     score is computed as the official code does: the *next* layer's input_layernorm, q_proj and
     k_proj with RoPE applied to the hidden states at the boundary, for the last token's row only;
     positions are re-packed (official: reset to ``arange``).
@@ -50,9 +51,10 @@ class PyramidDrop(Pruner):
             raise ValueError(f"PyramidDrop ratio={self.ratio}: must lie in (0, 1]")
 
     def stage_counts(self, n_visual: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
-        """Per-sample visual tokens kept after each boundary: keep, keep*ratio, keep*ratio^2, ..."""
-        first = resolve_keep(self.keep, n_visual)
-        return [(first.double() * self.ratio**s).round().long().clamp(min=1) for s in range(n_stages)]
+        """Per-sample visual tokens kept after each boundary: ..., keep/ratio^2, keep/ratio, keep."""
+        last = resolve_keep(self.keep, n_visual)
+        counts = [(last.double() / self.ratio ** (n_stages - 1 - s)).round().long() for s in range(n_stages)]
+        return [torch.minimum(c, n_visual.long()).clamp(min=1) for c in counts]
 
     def select(self, state: PruneState) -> Selection:
         adapter = state.engine.adapter

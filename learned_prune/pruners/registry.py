@@ -13,7 +13,9 @@ from .fastv import FastV
 from .pool import PoolPruner
 from .pyramiddrop import PyramidDrop
 from .simple import NoPruning, RandomPruner
+from .sparsevlm import SparseVLM
 from .tome import AIMMerge, ToMe
+from .transprune import TransPrune
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS
 
@@ -30,6 +32,8 @@ PRUNERS: dict[str, type] = {
     "pyramiddrop": PyramidDrop,
     "tome": ToMe,
     "aim_merge": AIMMerge,
+    "sparsevlm": SparseVLM,
+    "transprune": TransPrune,
 }
 
 
