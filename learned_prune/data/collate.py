@@ -53,7 +53,7 @@ class VQACollator:
             qtypes=[s.get("qtype") for s in samples],
             index=torch.tensor([s.get("index", -1) for s in samples]),
         )
-        for key in ("patch_mask", "patch_labels"):
+        for key in ("patch_mask", "patch_labels", "target_patches"):
             if all(key in s for s in samples):
                 batch[key] = torch.stack([s[key] for s in samples])
         if all("boxes" in s for s in samples):

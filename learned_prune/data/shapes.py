@@ -82,44 +82,47 @@ def _unique(objects: list[Obj], key) -> list[int]:
     return [i for i, v in enumerate(values) if values.count(v) == 1]
 
 
-def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, str] | None:
-    """One (question, answer) of type ``qtype`` about the scene, or None if the scene cannot support it."""
+def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, str, list[int]] | None:
+    """(question, answer, indices of the objects it is about) of type ``qtype``, or None if the scene
+    cannot support it."""
     if qtype == "color":
         ids = _unique(objects, lambda o: o.shape)
         if ids:
             o = objects[ids[rng.integers(len(ids))]]
-            return f"what color is the {o.shape} ?", o.color
+            return f"what color is the {o.shape} ?", o.color, [objects.index(o)]
         ids = _unique(objects, lambda o: (o.size, o.shape))
         if ids:
             o = objects[ids[rng.integers(len(ids))]]
-            return f"what color is the {o.size} {o.shape} ?", o.color
+            return f"what color is the {o.size} {o.shape} ?", o.color, [objects.index(o)]
         return None
     if qtype == "shape":
         ids = _unique(objects, lambda o: o.color)
         if not ids:
             return None
         o = objects[ids[rng.integers(len(ids))]]
-        return f"what shape is the {o.color} object ?", o.shape
+        return f"what shape is the {o.color} object ?", o.shape, [objects.index(o)]
     if qtype == "size":
         ids = _unique(objects, lambda o: (o.color, o.shape))
         if not ids:
             return None
         o = objects[ids[rng.integers(len(ids))]]
-        return f"what size is the {o.color} {o.shape} ?", o.size
+        return f"what size is the {o.color} {o.shape} ?", o.size, [objects.index(o)]
     if qtype == "count":
         if rng.random() < 0.5:
             c = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
-            return f"how many {c} objects are there ?", NUMBERS[sum(o.color == c for o in objects)]
+            hits = [i for i, o in enumerate(objects) if o.color == c]
+            return f"how many {c} objects are there ?", NUMBERS[len(hits)], hits
         s = SHAPES[rng.integers(len(SHAPES))]
-        return f"how many {s}s are there ?", NUMBERS[sum(o.shape == s for o in objects)]
+        hits = [i for i, o in enumerate(objects) if o.shape == s]
+        return f"how many {s}s are there ?", NUMBERS[len(hits)], hits
     if qtype == "exist":
         present = {(o.color, o.shape) for o in objects}
         if rng.random() < 0.5:
             c, s = sorted(present)[rng.integers(len(present))]
-            return f"is there a {c} {s} ?", "yes"
+            return f"is there a {c} {s} ?", "yes", [i for i, o in enumerate(objects) if (o.color, o.shape) == (c, s)]
         absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
         c, s = absent[rng.integers(len(absent))]
-        return f"is there a {c} {s} ?", "no"
+        return f"is there a {c} {s} ?", "no", []
     if qtype == "position":
         ids = _unique(objects, lambda o: (o.color, o.shape))
         rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
@@ -135,7 +138,7 @@ def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, 
         want = rng.random() < 0.5
         if truth != want:
             a, b = b, a  # swapping the pair flips the answer
-        return f"is the {a.name()} {rel} the {b.name()} ?", "yes" if want else "no"
+        return f"is the {a.name()} {rel} the {b.name()} ?", "yes" if want else "no", [objects.index(a), objects.index(b)]
     raise ValueError(f"unknown question type {qtype!r}; choose from {QUESTION_TYPES}")
 
 
@@ -144,7 +147,9 @@ class ShapesVQADataset(Dataset):
 
     Items are dicts: ``image`` (uint8 HxWx3), ``question``, ``answer``, ``qtype``, ``patch_mask``
     (bool, grid*grid), ``patch_labels`` (long, colour*5+shape of the object covering most of each
-    patch, -100 on background), ``boxes`` (float n x 4, x0 y0 x1 y1), ``objects`` and ``index``.
+    patch, -100 on background), ``target_patches`` (bool, the patches of the objects the question
+    is about; empty when it is about nothing in the scene), ``boxes`` (float n x 4, x0 y0 x1 y1),
+    ``objects`` and ``index``.
     """
 
     def __init__(
@@ -202,6 +207,7 @@ class ShapesVQADataset(Dataset):
         top = counts.argmax(1)
         labels = np.array([COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape) for o in objects])
         patch_labels = np.where(fg, labels[top], -100)
+        target = fg & np.isin(top, qa[2])  # patches of the objects the question is about
         boxes = np.array([[o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r] for o in objects], dtype=np.float32)
         return {
             "image": image,
@@ -210,6 +216,7 @@ class ShapesVQADataset(Dataset):
             "qtype": qtype,
             "patch_mask": torch.from_numpy(fg),
             "patch_labels": torch.from_numpy(patch_labels).long(),
+            "target_patches": torch.from_numpy(target),
             "boxes": torch.from_numpy(boxes.clip(0, self.image_size)),
             "pixel_mask": torch.from_numpy(owner >= 0),
             "objects": [o.__dict__ for o in objects],

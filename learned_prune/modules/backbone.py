@@ -1,11 +1,19 @@
 """``module=backbone``: train the whole tiny LLaVA on ShapesVQA (the embedded default backbone).
 
-Loss = next-token cross-entropy on the answer tokens only, plus an auxiliary per-patch loss on
-the vision tower's feature layer (the layer LLaVA feeds its projector): a linear probe predicts
-each patch's foreground/background label from the ShapesVQA masks (and, when the batch carries
-them, the colour and shape of the object covering the patch). The probe is training-only and
-is not saved with the model; it teaches the tower *what* is where quickly, so that the LLM's
-harder job — routing from the question to the right patches — starts from useful features.
+Loss = next-token cross-entropy on the answer tokens only, plus two auxiliary losses:
+
+* **patch loss** (``aux_patch_weight``): a linear probe on the vision tower's feature layer (the
+  layer LLaVA feeds its projector) predicts each patch's foreground/background label and the colour
+  and shape of the object covering it. The probe is training-only and is not saved. It teaches the
+  tower *what* is where within a few hundred steps.
+* **grounding loss** (``ground_weight``): at the middle decoder layers, the head-mean attention of
+  the answer-predicting token onto the visual tokens should fall on the patches of the objects the
+  question is about (``-log`` of that attention mass; questions about nothing in the scene are
+  skipped). Without it, answer accuracy sits near the answer priors for a long time (a prototype
+  stayed at ~60% from step 200 to 1,400, and so did this recipe without it): routing from the
+  question to the right patches is the hard part, and this loss teaches it directly.
+
+Both auxiliary losses shape training only; the exported model is a plain HF LLaVA.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ class BackboneModule(pl.LightningModule):
         max_steps: int | None = None,
         aux_patch_weight: float = 0.5,
         n_patch_classes: int = 0,
+        ground_weight: float = 0.5,
+        ground_layers: list[int] | None = None,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -53,16 +63,51 @@ class BackboneModule(pl.LightningModule):
         self.model.train()  # backbones are built in eval mode; here every part is trained
 
     # ---- steps -----------------------------------------------------------------------------
+    def _grounding_loss(self, hidden_states: tuple, batch: dict) -> torch.Tensor:
+        lm = self.model.model.language_model
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+        target = batch["target_patches"]
+        has = target.any(1)
+        if not bool(has.any()):
+            return torch.zeros((), device=ids.device)
+        B, L = ids.shape
+        query = (labels != -100).float().argmax(1) - 1  # the last prompt token predicts the answer
+        visual = (ids == self.model.config.image_token_id).nonzero()[:, 1].view(B, -1)
+        pos = torch.arange(L, device=ids.device)[None].expand(B, L)  # the positions the forward used
+        allowed = mask & (pos <= query[:, None])
+        n = len(lm.layers)
+        layers = self.hparams.ground_layers or [n // 2 - 1, n // 2]
+        losses = []
+        for li in layers:
+            block = lm.layers[li]
+            attn = block.self_attn
+            x = block.input_layernorm(hidden_states[li])
+            q = attn.q_proj(x[torch.arange(B), query]).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
+            cos, sin = lm.rotary_emb(x, pos)
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            qc, qs = cos[torch.arange(B), query][:, None, None], sin[torch.arange(B), query][:, None, None]
+            q = q * qc + _rotate_half(q) * qs
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
+            probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # (B, L)
+            on_target = (torch.gather(probs, 1, visual) * target).sum(1)
+            losses.append(-torch.log(on_target[has] + 1e-6).mean())
+        return torch.stack(losses).mean()
+
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
         inner = self.model.model
         vision = inner.get_image_features(pixel_values=batch["pixel_values"], output_hidden_states=True)
+        ground = self.hparams.ground_weight > 0 and "target_patches" in batch
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision.pooler_output)},
             labels=batch["labels"],
             use_cache=False,
+            output_hidden_states=ground,
         )
+        out.ground_loss = self._grounding_loss(out.hidden_states, batch) if ground else None
         aux = torch.zeros((), device=out.loss.device)
         if self.hparams.aux_patch_weight > 0 and "patch_mask" in batch:
             feats = vision.hidden_states[self.model.config.vision_feature_layer][:, 1:]
@@ -75,6 +120,9 @@ class BackboneModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         lm_loss, aux, out = self._losses(batch)
         loss = lm_loss + self.hparams.aux_patch_weight * aux
+        if out.ground_loss is not None:
+            loss = loss + self.hparams.ground_weight * out.ground_loss
+            self.log("train/ground_loss", out.ground_loss, batch_size=batch["input_ids"].shape[0])
         self.train_acc.update_from_logits(out.logits, batch["labels"], batch.get("qtypes"))
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -139,3 +187,8 @@ class BackboneModule(pl.LightningModule):
         if self.processor is not None:
             self.processor.save_pretrained(directory)
         return directory
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
