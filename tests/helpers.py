@@ -124,3 +124,24 @@ def reference_logits(model, batch: dict, records: list, repack_vision: bool = Tr
             pos = pos - (~keep).long().cumsum(0)[None]
         rows, pos, hidden = rows[keep], pos[:, keep], hidden[:, keep]
     return hf_tail_logits(model, hidden, pos, torch.ones_like(pos), cur)
+
+
+def compose_train(out, overrides: list[str], export_name: str = "export"):
+    """The composed train.py config for ``overrides``, writing everything under ``out``."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    root = Path(__file__).resolve().parents[1]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.root_dir = str(root)
+        cfg.paths.log_dir = str(out)
+        cfg.module.export_dir = str(Path(out) / export_name)
+    GlobalHydra.instance().clear()
+    return cfg

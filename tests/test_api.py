@@ -146,3 +146,32 @@ def test_load_backbone_never_downloads(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="does not download"):
         load_backbone("llava-hf/llava-1.5-7b-hf-not-cached")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_every_pruner_runs_with_sdpa_and_never_eager(monkeypatch, family):
+    """No method needs eager attention or output_attentions=True, in the LLM or the vision tower."""
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.llama.modeling_llama as llama
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(llama, "eager_attention_forward", refuse)
+    monkeypatch.setattr(clip, "eager_attention_forward", refuse)
+    model, processor = get_tiny(family)
+    batch = make_batch(processor, 2)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("output_attentions")), with_kwargs=True)
+    try:
+        for name in PRUNERS:
+            pruner = load_pruner(name) if name == "none" else load_pruner(name, keep=8)
+            with pruner(model):
+                model(**batch)
+                model.generate(**batch, max_new_tokens=2, do_sample=False)
+            assert model.config._attn_implementation == "sdpa"
+            assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    finally:
+        hook.remove()
+    assert not any(seen)

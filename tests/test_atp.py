@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from learned_prune import load_pruner, tiny_llava
 from learned_prune.run import build, train
 
 from conftest import make_batch
-from test_configs import CONFIGS, ROOT
+from helpers import compose_train
+from test_configs import CONFIGS
 
 TINY = [
     "module=atp", "backbone=tiny_init", "backbone.vision_hidden=32", "backbone.text_hidden=32",
@@ -26,17 +24,8 @@ TINY = [
 ]
 
 
-def _cfg(out: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=[*TINY, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.log_dir = str(out)
-        cfg.module.export_dir = str(out / "atp-head")
-    GlobalHydra.instance().clear()
-    return cfg
+def _cfg(out, *overrides):
+    return compose_train(out, [*TINY, *overrides], "atp-head")
 
 
 def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
@@ -106,10 +95,7 @@ def test_sweep_parameters_are_valid_overrides():
         for key, spec in sweep["parameters"].items():
             value = spec["values"][0] if "values" in spec else spec.get("min", spec.get("value"))
             overrides.append(f"{key}={value}")
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-            cfg = compose("train", overrides=overrides)  # raises on an unknown key
-        GlobalHydra.instance().clear()
+        cfg = compose_train("/tmp/unused", overrides)  # raises on an unknown key
         for key in sweep["parameters"]:
             node = cfg
             for part in key.split("."):

@@ -125,3 +125,17 @@ def test_datamodule_batches():
     assert isinstance(next(iter(raw.train_dataloader())), list)
     with pytest.raises(ValueError, match="eval_split"):
         ShapesVQADataModule(processor, eval_split="tset")
+
+
+def test_target_patches_cover_the_questioned_objects():
+    ds = ShapesVQADataset("val", size=200)
+    for i in range(200):
+        s = ds[i]
+        target, fg = s["target_patches"], s["patch_mask"]
+        assert not (target & ~fg).any()
+        if s["qtype"] in ("color", "shape", "size", "position"):
+            assert target.any(), s["question"]
+        if s["qtype"] == "exist" and s["answer"] == "no":
+            assert not target.any()
+        if s["qtype"] == "count" and s["answer"] == "zero":
+            assert not target.any()

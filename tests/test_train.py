@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from learned_prune.run import train
 
-from test_configs import CONFIGS, ROOT
+from helpers import compose_train
+from test_configs import CONFIGS
 
 TINY = [
     "module=backbone", "backbone.vision_hidden=32", "backbone.text_hidden=32", "backbone.text_layers=2",
@@ -20,16 +18,7 @@ TINY = [
 
 
 def _cfg(out, *overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=[*TINY, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.log_dir = str(out)
-        cfg.module.export_dir = str(out / "export")
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_train(out, [*TINY, *overrides], "export")
 
 
 def test_resumed_run_continues_from_its_checkpoint_step(tmp_path):

@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
+from .schedule import warmup_cosine
 
 
 class BackboneModule(pl.LightningModule):
@@ -165,15 +166,7 @@ class BackboneModule(pl.LightningModule):
             betas=(0.9, 0.98),
         )
         total = self.hparams.max_steps or self.trainer.estimated_stepping_batches
-        warm = max(1, min(self.hparams.warmup_steps, total // 10 if total else 1))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = warmup_cosine(opt, total, self.hparams.warmup_steps, floor=0.05)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- export --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from ..engine import Engine
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..pruners.learned import LearnedHead
+from .schedule import warmup_cosine
 
 
 class LearnedPrunerModule(pl.LightningModule):
@@ -142,16 +143,8 @@ class LearnedPrunerModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.hparams.max_steps or self.trainer.estimated_stepping_batches
-        warm = max(1, min(self.hparams.warmup_steps, max(1, total // 10)))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+        sched = warmup_cosine(opt, total, self.hparams.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- export ---------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:
