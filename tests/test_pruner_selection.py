@@ -152,3 +152,60 @@ def test_pyramiddrop_stage_counts():
     counts = pruner.stage_counts(torch.tensor([576]), 3)
     assert [int(c) for c in counts] == [288, 144, 72]
     assert resolve_keep(64, torch.tensor([144])).item() == 64
+
+
+def test_dpc_knn_recycling_finds_separated_clusters():
+    from learned_prune.pruners.sparsevlm import dpc_knn_merge
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 4, generator=g) * 0.05 + torch.tensor([5.0, 0, 0, 0])
+    b = torch.randn(10, 4, generator=g) * 0.05 + torch.tensor([0, 5.0, 0, 0])
+    merged, centres = dpc_knn_merge(torch.cat([a, b]), 2, k=3)
+    assert sorted(int(c) // 10 for c in centres) == [0, 1]  # one centre per blob
+    got = sorted(merged.tolist(), key=lambda v: -v[0])
+    torch.testing.assert_close(torch.tensor(got), torch.stack([a.mean(0), b.mean(0)]), atol=1e-5, rtol=0)
+
+
+def test_transition_variation_by_hand():
+    from learned_prune.pruners.transprune import transition_variation
+
+    h_in = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    h_out = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # token 0: same direction, twice the norm; token 1: turned 90 deg
+    ttv = transition_variation(h_in, h_out, torch.ones(1, 2, dtype=torch.bool))
+    # softmax over tokens of (1 - cos) = softmax([0, 1]); times the norm ratios [2, 1]
+    e = torch.exp(torch.tensor(1.0))
+    torch.testing.assert_close(ttv[0], torch.tensor([2 / (1 + e), e / (1 + e)]))
+
+
+@torch.no_grad()
+def test_sparsevlm_raters_are_the_instruction_tokens_most_relevant_to_the_image():
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 1)
+    pruner = load_pruner("sparsevlm", keep=12)
+    seen = {}
+    original = pruner.raters
+
+    def raters(state):
+        seen["raters"], seen["text"] = original(state), state.instruction_mask
+        return seen["raters"]
+
+    pruner.raters = raters
+    with pruner(model):
+        model(**batch)
+    r, text = seen["raters"], seen["text"]
+    assert r.any() and not (r & ~text).any() and r.sum() < text.sum()
+
+
+@torch.no_grad()
+def test_random_is_seeded_and_batch_invariant():
+    model, processor = get_tiny("llava")
+    batch = make_batch(processor, 2)
+    picks = []
+    for seed in (0, 0, 1):
+        pruner = load_pruner("random", keep=10, seed=seed)
+        records = record_selections(pruner)
+        with pruner(model):
+            model(**batch)
+        picks.append(records[0][2].indices)
+    assert torch.equal(picks[0], picks[1]) and not torch.equal(picks[0], picks[2])
+    assert torch.equal(picks[0][0], picks[0][1])  # the subset does not depend on the batch position

@@ -91,19 +91,19 @@ def time_prefill_and_generation(
     device = next(model.parameters()).device
     with pruner(model):
         for _ in range(warmup):
-            model(**inputs, use_cache=False)
+            model(**inputs, use_cache=False, logits_to_keep=1)  # prefill as generate() runs it
         times = []
         for _ in range(repeats):
             _sync(device)
             t = time.perf_counter()
-            model(**inputs, use_cache=False)
+            model(**inputs, use_cache=False, logits_to_keep=1)
             _sync(device)
             times.append((time.perf_counter() - t) * 1000)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         with _RssPeak() as rss:
-            out = model(**inputs, use_cache=True)
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
         peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else rss.peak - rss.base
         cache = out.past_key_values
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
