@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from learned_prune.data import QUESTION_TYPES, VOCAB, ShapesVQADataModule, ShapesVQADataset, VQACollator
-from learned_prune.data.shapes import COLOR_NAMES, NUMBERS, SHAPES, SIZE_NAMES
+from learned_prune.data.shapes import COLOR_NAMES, NUMBERS, SHAPES, SIZE_NAMES, plural
 
 from conftest import get_tiny
 
@@ -79,7 +79,7 @@ def test_answers_are_valid_and_balanced():
         elif s["qtype"] == "count":
             word = q.split()[2]
             n = sum(o["color"] == word for o in objs) if word in COLOR_NAMES else \
-                sum(o["shape"] + "s" == word for o in objs)
+                sum(plural(o["shape"]) == word for o in objs)
             assert a == NUMBERS[n]
         elif s["qtype"] == "exist":
             color, shape = q.split()[3:5]

@@ -14,7 +14,8 @@ class VQACollator:
     Returns ``input_ids``/``attention_mask``/``pixel_values`` of prompt + answer + EOS (left-padded),
     ``labels`` = -100 everywhere except the answer tokens and EOS, ``prompt_input_ids``/
     ``prompt_attention_mask`` (the prompt alone, left-padded, for generation), and passes through
-    ``answers``, ``qtypes``, ``patch_mask``, ``patch_labels`` (stacked), ``boxes`` (list), ``index``.
+    ``answers``, ``qtypes``, ``patch_mask``, ``patch_labels``, ``patch_attrs``, ``patch_centres``, ``target_patches``,
+    ``target_attrs``, ``target_centres`` (stacked), ``boxes`` (list), ``index``.
     """
 
     def __init__(self, processor: Any, prompt_template: str = "USER: <image>\n{question} ASSISTANT:") -> None:
@@ -53,7 +54,8 @@ class VQACollator:
             qtypes=[s.get("qtype") for s in samples],
             index=torch.tensor([s.get("index", -1) for s in samples]),
         )
-        for key in ("patch_mask", "patch_labels", "target_patches"):
+        for key in ("patch_mask", "patch_labels", "target_patches", "patch_attrs", "patch_centres",
+                    "target_attrs", "target_centres"):
             if all(key in s for s in samples):
                 batch[key] = torch.stack([s[key] for s in samples])
         if all("boxes" in s for s in samples):

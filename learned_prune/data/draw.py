@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 
-SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+SHAPES = ["circle", "square", "triangle", "cross"]
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -15,7 +15,7 @@ COLORS = {
     "purple": (150, 50, 200),
     "cyan": (40, 210, 220),
 }
-SIZES = {"small": 0.075, "large": 0.13}  # radius as a fraction of the image side
+SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of the image side
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -30,12 +30,16 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 QUESTION_TYPES = ["color", "shape", "size", "count", "exist", "position"]
 DEFAULT_WEIGHTS = {"color": 0.2, "shape": 0.2, "size": 0.1, "count": 0.1, "exist": 0.2, "position": 0.2}
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3, "shift": 4}
 # prompt template words, question words, attribute names, plurals, numbers, answers
 VOCAB = sorted(
     {"user", "assistant", ":", "?", "what", "color", "shape", "size", "is", "the", "object", "how", "many",
      "objects", "are", "there", "a", "of", "yes", "no", "left", "right", "above", "below"}
-    | set(SHAPES) | {s + "s" for s in SHAPES} | set(COLOR_NAMES) | set(SIZE_NAMES) | set(NUMBERS)
+    | set(SHAPES) | {plural(s) for s in SHAPES} | set(COLOR_NAMES) | set(SIZE_NAMES) | set(NUMBERS)
 )
 
 
@@ -114,7 +118,7 @@ def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, 
             return f"how many {c} objects are there ?", NUMBERS[len(hits)], hits
         s = SHAPES[rng.integers(len(SHAPES))]
         hits = [i for i, o in enumerate(objects) if o.shape == s]
-        return f"how many {s}s are there ?", NUMBERS[len(hits)], hits
+        return f"how many {plural(s)} are there ?", NUMBERS[len(hits)], hits
     if qtype == "exist":
         present = {(o.color, o.shape) for o in objects}
         if rng.random() < 0.5:
@@ -148,7 +152,12 @@ class ShapesVQADataset(Dataset):
     Items are dicts: ``image`` (uint8 HxWx3), ``question``, ``answer``, ``qtype``, ``patch_mask``
     (bool, grid*grid), ``patch_labels`` (long, colour*5+shape of the object covering most of each
     patch, -100 on background), ``target_patches`` (bool, the patches of the objects the question
-    is about; empty when it is about nothing in the scene), ``boxes`` (float n x 4, x0 y0 x1 y1),
+    is about; empty when it is about nothing in the scene), ``patch_objects`` (long, index into
+    ``objects`` of the object covering most of each patch, -1 on background), ``patch_attrs`` (long
+    grid*grid x 3: colour, shape, size index of that object, -100 on background), ``patch_centres``
+    (its centre in [0, 1] image coordinates), ``target_attrs`` / ``target_centres`` (2 x 3 / 2 x 2:
+    the objects the question names, in order; -100 / NaN where there is none; count questions name
+    none), ``boxes`` (float n x 4, x0 y0 x1 y1),
     ``objects`` and ``index``.
     """
 
@@ -207,7 +216,20 @@ class ShapesVQADataset(Dataset):
         top = counts.argmax(1)
         labels = np.array([COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape) for o in objects])
         patch_labels = np.where(fg, labels[top], -100)
+        patch_objects = np.where(fg, top, -1)
         target = fg & np.isin(top, qa[2])  # patches of the objects the question is about
+        # what the auxiliary losses of module=backbone teach: per patch, the covering object's colour,
+        # shape, size and centre; per question, the attributes and centres of the objects it names
+        attrs = np.array([[COLOR_NAMES.index(o.color), SHAPES.index(o.shape), SIZE_NAMES.index(o.size)]
+                          for o in objects])
+        centres = np.array([[o.cx / self.image_size, o.cy / self.image_size] for o in objects], dtype=np.float32)
+        patch_attrs = np.where(fg[:, None], attrs[top], -100)
+        patch_centres = np.where(fg[:, None], centres[top], 0.0).astype(np.float32)
+        named = list(qa[2])[:2] if qtype != "count" else []
+        target_attrs = np.full((2, 3), -100)
+        target_centres = np.full((2, 2), np.nan, dtype=np.float32)
+        for j, i in enumerate(named):
+            target_attrs[j], target_centres[j] = attrs[i], centres[i]
         boxes = np.array([[o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r] for o in objects], dtype=np.float32)
         return {
             "image": image,
@@ -216,6 +238,11 @@ class ShapesVQADataset(Dataset):
             "qtype": qtype,
             "patch_mask": torch.from_numpy(fg),
             "patch_labels": torch.from_numpy(patch_labels).long(),
+            "patch_objects": torch.from_numpy(patch_objects).long(),
+            "patch_attrs": torch.from_numpy(patch_attrs).long(),
+            "patch_centres": torch.from_numpy(patch_centres),
+            "target_attrs": torch.from_numpy(target_attrs).long(),
+            "target_centres": torch.from_numpy(target_centres),
             "target_patches": torch.from_numpy(target),
             "boxes": torch.from_numpy(boxes.clip(0, self.image_size)),
             "pixel_mask": torch.from_numpy(owner >= 0),

@@ -101,6 +101,9 @@ class Engine:
                     self._handles.append(kp.register_forward_hook(self._key_hook(k - 1)))
             for i in self.observers:
                 self._handles.append(a.lm.layers[i].self_attn.register_forward_hook(self._attn_hook(i)))
+            for p in self.pruners:  # e.g. a head's LoRA adapters, removed again on exit
+                if hasattr(p, "attach"):
+                    p.attach(self.adapter)
             self._installed = True
         except BaseException:
             self._remove()
@@ -111,6 +114,9 @@ class Engine:
         self._remove()
 
     def _remove(self) -> None:
+        for p in self.pruners:
+            if hasattr(p, "release"):
+                p.release(self.adapter)
         for h in self._handles:
             h.remove()
         self._handles.clear()

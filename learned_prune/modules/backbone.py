@@ -1,23 +1,35 @@
 """``module=backbone``: train the whole tiny LLaVA on ShapesVQA (the embedded default backbone).
 
-Loss = next-token cross-entropy on the answer tokens only, plus two auxiliary losses:
+A from-scratch LLaVA does not learn this task from the answer loss alone in a CPU budget: the vision
+tower learns shapes only after ~500 steps, and the LLM must route from the question through the
+answer token to the right patches before any of it pays off (a prototype sat at ~60% for 1,000+
+steps, and so did an earlier version of this recipe, at 40-47%). The recipe therefore teaches each
+link directly, in two stages of one run:
 
-* **patch loss** (``aux_patch_weight``): a linear probe on the vision tower's feature layer (the
-  layer LLaVA feeds its projector) predicts each patch's foreground/background label and the colour
-  and shape of the object covering it. The probe is training-only and is not saved. It teaches the
-  tower *what* is where within a few hundred steps.
-* **grounding loss** (``ground_weight``): at the middle decoder layers, the head-mean attention of
-  the answer-predicting token onto the visual tokens should fall on the patches of the objects the
-  question is about (``-log`` of that attention mass; questions about nothing in the scene are
-  skipped). Without it, answer accuracy sits near the answer priors for a long time (a prototype
-  stayed at ~60% from step 200 to 1,400, and so did this recipe without it): routing from the
-  question to the right patches is the hard part, and this loss teaches it directly.
+1. **Tower stage** (the first ``tower_steps`` steps): only the vision tower trains, through a
+   per-patch probe on the feature layer LLaVA feeds its projector — foreground, and the colour,
+   shape, size and centre of the object covering each patch (``patch_weight``). Its position
+   embeddings start from a 2-D sin-cos table (``sincos_positions``) so locality is there from step
+   0; with it, per-patch shape accuracy jumps from ~40% to ~98% between steps 400 and 1,000.
+2. **Full stage**: every part trains (the tower at ``tower_lr_scale`` of the LLM's rate) with
+   next-token cross-entropy on the answer tokens, the patch probe, and two losses on the token that
+   predicts the answer:
 
-Both auxiliary losses shape training only; the exported model is a plain HF LLaVA.
+   * **grounding** (``ground_weight``): at ``ground_layers`` (default: the two middle layers) its
+     head-mean attention over the visual tokens should fall on the patches of the objects the
+     question names (``-log`` of that mass);
+   * **read-out** (``readout_weight``): a linear probe on its hidden state after ``readout_layer``
+     (default: 3/4 of the depth) must give the colour, shape, size and centre of the first and
+     second named objects. Grounding alone put ~40% of the attention on the right patches yet left
+     accuracy at the priors; the read-out loss makes the attended features reach the answer (val
+     accuracy 39% -> 70% at step 400 of this stage in a prototype).
+
+All probes are training-only; the exported model is a plain HF LLaVA (``save_pretrained``).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +40,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..data.draw import SHAPES
+from ..data.shapes import COLOR_NAMES, SIZE_NAMES
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
-from .schedule import warmup_cosine
 
 
 class BackboneModule(pl.LightningModule):
@@ -43,10 +56,15 @@ class BackboneModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
         max_steps: int | None = None,
-        aux_patch_weight: float = 0.5,
-        n_patch_classes: int = 0,
+        patch_weight: float = 0.5,
         ground_weight: float = 0.5,
         ground_layers: list[int] | None = None,
+        readout_weight: float = 1.0,
+        readout_layer: int | None = None,
+        tower_steps: int = 0,
+        tower_lr: float = 3e-3,
+        tower_lr_scale: float = 0.2,
+        sincos_positions: bool = True,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -54,11 +72,16 @@ class BackboneModule(pl.LightningModule):
         self.processor = processor
         self.save_hyperparameters(ignore=["model", "processor"])
         vdim = model.config.vision_config.hidden_size
-        self.patch_probe = nn.Linear(vdim, 1 + n_patch_classes)  # training-only, never exported
+        tdim = model.config.text_config.hidden_size
+        # training-only probes, never exported: per patch fg + colour + shape + size + centre(2);
+        # per answer token colour + shape + size + centre of two named objects
+        self.patch_probe = nn.Linear(vdim, 1 + N_COLORS + N_SHAPES + N_SIZES + 2)
+        self.readout_probe = nn.Linear(tdim, 2 * (N_COLORS + N_SHAPES + N_SIZES + 2))
+        if sincos_positions:
+            sincos_position_init(model.model.vision_tower)
         self.train_acc = AnswerAccuracy()
         self.val_acc = AnswerAccuracy()
         self.test_acc = AnswerAccuracy()
-        self.train_aux = MeanMetric()
 
     def on_fit_start(self) -> None:
         self.model.train()  # backbones are built in eval mode; here every part is trained
@@ -96,47 +119,70 @@ class BackboneModule(pl.LightningModule):
             losses.append(-torch.log(on_target[has] + 1e-6).mean())
         return torch.stack(losses).mean()
 
-    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _patch_loss(self, vision: Any, batch: dict) -> torch.Tensor:
+        if self.hparams.patch_weight <= 0 or "patch_attrs" not in batch:
+            return torch.zeros((), device=batch["input_ids"].device)
+        feats = vision.hidden_states[self.model.config.vision_feature_layer][:, 1:]
+        logits = self.patch_probe(feats)
+        fg = batch["patch_mask"]
+        loss = F.binary_cross_entropy_with_logits(logits[..., 0], fg.float())
+        return loss + _attribute_loss(logits[..., 1:], batch["patch_attrs"], batch["patch_centres"], fg)
+
+    def _readout_loss(self, hidden_states: tuple, batch: dict) -> torch.Tensor:
+        n = len(self.model.model.language_model.layers)
+        layer = self.hparams.readout_layer or (3 * n) // 4
+        labels = batch["labels"]
+        query = (labels != -100).float().argmax(1) - 1  # the token that predicts the answer
+        h = hidden_states[layer][torch.arange(labels.shape[0], device=labels.device), query]
+        logits = self.readout_probe(h).view(h.shape[0], 2, -1)
+        centres = batch["target_centres"]
+        named = ~centres.isnan().any(-1)
+        return _attribute_loss(logits, batch["target_attrs"], centres.nan_to_num(0.0), named)
+
+    def _losses(self, batch: dict, stage: str = "full") -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """(total loss, its parts, model output). ``stage="tower"``: the patch probe alone."""
         inner = self.model.model
         vision = inner.get_image_features(pixel_values=batch["pixel_values"], output_hidden_states=True)
+        parts = {"patch_loss": self._patch_loss(vision, batch)}
+        if stage == "tower":
+            return self.hparams.patch_weight * parts["patch_loss"], parts, None
         ground = self.hparams.ground_weight > 0 and "target_patches" in batch
+        readout = self.hparams.readout_weight > 0 and "target_attrs" in batch
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision.pooler_output)},
             labels=batch["labels"],
             use_cache=False,
-            output_hidden_states=ground,
+            output_hidden_states=ground or readout,
         )
-        out.ground_loss = self._grounding_loss(out.hidden_states, batch) if ground else None
-        aux = torch.zeros((), device=out.loss.device)
-        if self.hparams.aux_patch_weight > 0 and "patch_mask" in batch:
-            feats = vision.hidden_states[self.model.config.vision_feature_layer][:, 1:]
-            logits = self.patch_probe(feats)
-            aux = F.binary_cross_entropy_with_logits(logits[..., 0], batch["patch_mask"].float())
-            if logits.shape[-1] > 1 and "patch_labels" in batch:
-                aux = aux + F.cross_entropy(logits[..., 1:].flatten(0, 1), batch["patch_labels"].flatten(), ignore_index=-100)
-        return out.loss, aux, out
+        parts["lm_loss"] = out.loss
+        loss = out.loss + self.hparams.patch_weight * parts["patch_loss"]
+        if ground:
+            parts["ground_loss"] = self._grounding_loss(out.hidden_states, batch)
+            loss = loss + self.hparams.ground_weight * parts["ground_loss"]
+        if readout:
+            parts["readout_loss"] = self._readout_loss(out.hidden_states, batch)
+            loss = loss + self.hparams.readout_weight * parts["readout_loss"]
+        return loss, parts, out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        lm_loss, aux, out = self._losses(batch)
-        loss = lm_loss + self.hparams.aux_patch_weight * aux
-        if out.ground_loss is not None:
-            loss = loss + self.hparams.ground_weight * out.ground_loss
-            self.log("train/ground_loss", out.ground_loss, batch_size=batch["input_ids"].shape[0])
-        self.train_acc.update_from_logits(out.logits, batch["labels"], batch.get("qtypes"))
+        stage = "tower" if self.global_step < self.hparams.tower_steps else "full"
+        loss, parts, out = self._losses(batch, stage)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/lm_loss", lm_loss, batch_size=bs)
-        self.log("train/aux_loss", aux, batch_size=bs)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        if out is not None:
+            self.train_acc.update_from_logits(out.logits, batch["labels"], batch.get("qtypes"))
+            self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def _eval_step(self, batch: dict, metric: AnswerAccuracy, stage: str) -> None:
         answers = greedy_answers(self.model, self.processor, batch)
         metric.update(answers, batch["answers"], batch.get("qtypes"))
-        lm_loss, _, _ = self._losses(batch)
-        self.log(f"{stage}/loss", lm_loss, batch_size=len(answers), sync_dist=True)
+        _, parts, _ = self._losses(batch)
+        self.log(f"{stage}/loss", parts["lm_loss"], batch_size=len(answers), sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_acc, "val")
@@ -156,17 +202,37 @@ class BackboneModule(pl.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        decay, no_decay = [], []
-        for n, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.dim() < 2 or "norm" in n or "embedding" in n else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.98),
-        )
-        total = self.hparams.max_steps or self.trainer.estimated_stepping_batches
-        sched = warmup_cosine(opt, total, self.hparams.warmup_steps, floor=0.05)
+        """AdamW; the tower (and its probe) and the rest get their own schedules.
+
+        Tower group: warm-up + cosine at ``tower_lr`` over the tower stage, then ``tower_lr_scale``
+        of the LLM schedule. Rest: zero during the tower stage (it gets no gradients there), then
+        warm-up + cosine at ``lr`` to the end.
+        """
+        hp = self.hparams
+        total = hp.max_steps or self.trainer.estimated_stepping_batches
+        tower_ids = {id(p) for p in [*self.model.model.vision_tower.parameters(), *self.patch_probe.parameters()]}
+        groups = []
+        for is_tower in (True, False):
+            decay, no_decay = [], []
+            for n, p in self.named_parameters():
+                if p.requires_grad and (id(p) in tower_ids) == is_tower:
+                    (no_decay if p.dim() < 2 or "norm" in n or "embedding" in n else decay).append(p)
+            base = hp.tower_lr if is_tower and hp.tower_steps else hp.lr
+            groups += [{"params": decay, "weight_decay": hp.weight_decay, "lr": base},
+                       {"params": no_decay, "weight_decay": 0.0, "lr": base}]
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+        T = hp.tower_steps
+        full = _warmup_cosine(total - T, hp.warmup_steps, floor=0.05)
+        tower = _warmup_cosine(T, hp.warmup_steps, floor=0.1) if T else full
+        scale = hp.tower_lr_scale * hp.lr / hp.tower_lr if T else 1.0
+
+        def tower_factor(step: int) -> float:
+            return tower(step) if step < T else scale * full(step - T)
+
+        def rest_factor(step: int) -> float:
+            return 0.0 if step < T else full(step - T)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [tower_factor, tower_factor, rest_factor, rest_factor])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- export --------------------------------------------------------------------------
@@ -180,6 +246,57 @@ class BackboneModule(pl.LightningModule):
         if self.processor is not None:
             self.processor.save_pretrained(directory)
         return directory
+
+
+N_COLORS, N_SHAPES, N_SIZES = len(COLOR_NAMES), len(SHAPES), len(SIZE_NAMES)
+
+
+def _attribute_loss(logits: torch.Tensor, attrs: torch.Tensor, centres: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """CE on colour/shape/size (-100 ignored) + MSE on the centre (x10) where ``present``; logits
+    (..., colours + shapes + sizes + 2) against attrs (..., 3) and centres (..., 2)."""
+    a, b, c = N_COLORS, N_COLORS + N_SHAPES, N_COLORS + N_SHAPES + N_SIZES
+    loss = logits.new_zeros(())
+    for (lo, hi), target in zip(((0, a), (a, b), (b, c)), attrs.unbind(-1)):
+        if bool((target != -100).any()):
+            loss = loss + F.cross_entropy(logits[..., lo:hi].flatten(0, -2), target.flatten(), ignore_index=-100)
+    if bool(present.any()):
+        loss = loss + 10 * ((logits[..., c:c + 2] - centres) ** 2).sum(-1)[present].mean()
+    return loss
+
+
+def _warmup_cosine(total: int, warmup: int, floor: float):
+    warm = max(1, min(warmup, max(1, total // 10)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sincos_position_init(tower: nn.Module, scale: float = 0.5) -> None:
+    """Set a CLIP tower's patch position embeddings to a 2-D sin-cos table ([CLS]: zeros).
+
+    A learned-from-scratch table starts as noise; this one gives neighbouring patches similar codes
+    from step 0 (MAE-style fixed 2-D embeddings, used here as an initialisation and then trained).
+    """
+    weight = tower.embeddings.position_embedding.weight
+    n, d = weight.shape
+    g = int(round((n - 1) ** 0.5))
+    if g * g != n - 1 or d % 4:
+        return  # not a square grid with a [CLS] slot: keep the default initialisation
+    yy, xx = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    q = d // 4
+    omega = 1.0 / (100 ** (torch.arange(q, dtype=torch.float32) / q))
+    parts = []
+    for coord in (xx.flatten(), yy.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    with torch.no_grad():
+        weight[0].zero_()
+        weight[1:] = torch.cat(parts, 1).to(weight.dtype) * scale
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

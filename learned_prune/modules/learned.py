@@ -8,12 +8,17 @@
 * Loss = task loss (next-token CE on answer tokens only) + ``budget_weight`` x the head's budget
   loss + ``distill_weight`` x KL(unpruned frozen backbone || pruned) on the answer tokens
   (DynamicViT's recipe; 0 disables it).
+* ``lora`` (``module.lora.enabled=true``): peft LoRA adapters on the LLM train beside the head
+  (ATP's fine-tuned variant); the base weights stay frozen and bit-identical, the teacher of the
+  distillation term runs with the adapters disabled, and the export adds
+  ``adapter_model.safetensors``, applied whenever the loaded head is installed.
 * Logs: ``train/`` and ``val/`` losses, accuracy (torchmetrics), kept-token fraction per site and
   budget error. Method-specific code lives in the head, not here.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from torchmetrics import MeanMetric
 from ..engine import Engine
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..pruners.learned import LearnedHead
+from ..pruners.lora import LoraSettings, add_lora, lora_disabled, lora_state_dict
 from .schedule import warmup_cosine
 
 
@@ -45,14 +51,22 @@ class LearnedPrunerModule(pl.LightningModule):
         budget_weight: float = 2.0,
         distill_weight: float = 0.5,
         export_dir: str | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if lora is not None and not isinstance(lora, dict):  # a Hydra DictConfig: keep checkpoints plain
+            from omegaconf import OmegaConf
+
+            lora = OmegaConf.to_container(lora, resolve=True)
         self.save_hyperparameters(ignore=["model", "head", "processor"])
         self.model = model
         self.processor = processor
         self.head = head
         self.model.requires_grad_(False)
         self.model.eval()
+        self.lora_settings = LoraSettings(**dict(lora)) if lora else LoraSettings()
+        if self.lora_settings.enabled:
+            add_lora(self.model, self.lora_settings)
         self.val_acc, self.test_acc = AnswerAccuracy(), AnswerAccuracy()
         self.val_kept, self.test_kept = MeanMetric(), MeanMetric()
 
@@ -91,7 +105,7 @@ class LearnedPrunerModule(pl.LightningModule):
         loss = task + self.hparams.budget_weight * budget
         bs = labels.shape[0]
         if self.hparams.distill_weight > 0:
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher():
                 teacher = self.model(**self._inputs(batch), use_cache=False).logits
             mask = labels[:, 1:] != -100
             s = F.log_softmax(out.logits[:, :-1][mask].float(), -1)
@@ -106,6 +120,10 @@ class LearnedPrunerModule(pl.LightningModule):
             self.log(f"train/{k}", v, prog_bar=k == "budget_error", batch_size=bs)
         del engine
         return loss
+
+    def _teacher(self) -> Any:
+        """The unpruned frozen backbone: without LoRA adapters when they are trained."""
+        return lora_disabled(self.model) if self.lora_settings.enabled else contextlib.nullcontext()
 
     def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
         with Engine(self.model, [self.head], mode="hard") as engine:
@@ -157,14 +175,21 @@ class LearnedPrunerModule(pl.LightningModule):
         self.head.backbone = {**self.head.backbone, "name_or_path": self.hparams.backbone_ref}
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
+        lora_params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+        def save() -> None:
+            lora = (self.lora_settings, lora_state_dict(self.model)) if self.lora_settings.enabled else None
+            self.head.save_pretrained(directory, lora=lora)
+
         if getattr(strategy, "zero_stage_3", False):
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.head.parameters()), modifier_rank=None):
+            params = list(self.head.parameters()) + lora_params
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if strategy.is_global_zero:
-                    self.head.save_pretrained(directory)
+                    save()
             strategy.barrier("export")
             return Path(directory)
         if trainer is None or trainer.is_global_zero:
-            self.head.save_pretrained(directory)
+            save()
         return Path(directory)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .atp import ATPHead
+from .lora import load_adapter
 from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
 
 HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead}
@@ -39,6 +40,7 @@ def load_head(folder: str | Path, **overrides: Any) -> LearnedHead:
     hparams = {**config["hparams"], **overrides}
     head = HEADS[method](**hparams)
     head.load_weights(folder)
+    head.lora = load_adapter(folder)
     head.backbone = dict(config.get("backbone") or {})
     head.eval()
     return head

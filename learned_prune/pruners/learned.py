@@ -47,6 +47,8 @@ class LearnedHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone: dict[str, Any] = {}  # signature of the backbone the head was built for
+        self.lora: tuple[Any, dict[str, torch.Tensor]] | None = None  # (LoraSettings, weights) of a loaded head
+        self._lora_attached = False
 
     # ---- pruner protocol -----------------------------------------------------------------
     def sites(self, adapter: Any) -> list[str]:  # pragma: no cover - abstract
@@ -67,6 +69,24 @@ class LearnedHead(nn.Module):
         else:
             self.backbone = have
 
+    def attach(self, adapter: Any) -> None:
+        """Install the head's LoRA adapters (if it was exported with some) for one ``with`` block."""
+        from .lora import add_lora, language_model, lora_layers
+
+        if self.lora is None or lora_layers(language_model(adapter.model)):
+            return  # no adapters, or the model already carries them (e.g. during training)
+        settings, state = self.lora
+        add_lora(adapter.model, settings, state)
+        adapter.model.requires_grad_(False)
+        self._lora_attached = True
+
+    def release(self, adapter: Any) -> None:
+        from .lora import remove_lora
+
+        if self._lora_attached:
+            remove_lora(adapter.model)
+            self._lora_attached = False
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # ``head(model)`` / ``head(model, mode="soft")`` installs it like any pruner
         if len(args) == 1 and isinstance(args[0], nn.Module) and hasattr(args[0], "config") and set(kwargs) <= {"mode"}:
@@ -82,8 +102,11 @@ class LearnedHead(nn.Module):
         raise NotImplementedError
 
     # ---- export / load -------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, folder: str | Path, extra: dict[str, Any] | None = None,
+                        lora: tuple[Any, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Write the head folder; ``lora=(settings, weights)`` adds peft-style adapter files."""
         from .. import __version__
+        from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,6 +115,12 @@ class LearnedHead(nn.Module):
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"method": self.method})
+        lora = lora or self.lora
+        if lora is not None:
+            save_adapter(folder, lora[1], lora[0])
+        else:  # a stale adapter from an earlier export must not be applied to this head
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                (folder / name).unlink(missing_ok=True)
         return folder
 
     def load_weights(self, folder: str | Path) -> None:
