@@ -53,7 +53,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     model, processor = hydra.utils.instantiate(cfg.backbone)
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
     loader = datamodule.test_dataloader()
-    dataset = f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
+    dataset = getattr(datamodule, "name", None) or \
+        f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
+    max_new_tokens = getattr(datamodule, "max_new_tokens", None) or cfg.max_new_tokens
     timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
     timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
                      "pixel_values": timing["pixel_values"]}
@@ -62,7 +64,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
-                       warmup=cfg.timing.warmup, max_new_tokens=cfg.max_new_tokens,
+                       warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,
+                       metric_factory=getattr(datamodule, "metric", None),
                        options=method_options(Path(cfg.paths.root_dir) / "configs" / "method"))
     records = [r for r in records if r["dataset"] == dataset]
     table = markdown_table(records)

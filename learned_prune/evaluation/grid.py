@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,15 @@ def _pruner(method: str, keep: Any, options: dict[str, dict] | None = None):
 
 @torch.no_grad()
 def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, keep: Any,
-                        max_new_tokens: int = 2, options: dict[str, dict] | None = None) -> dict[str, Any]:
-    """Accuracy (overall, per question type) and mean kept visual tokens / FLOPs per sample."""
+                        max_new_tokens: int = 2, options: dict[str, dict] | None = None,
+                        metric_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Accuracy (overall, per question type) and mean kept visual tokens / FLOPs per sample.
+
+    ``metric_factory`` builds the accuracy metric (default: ShapesVQA's exact match; ``data=vqa``
+    gives each benchmark's official metric, scored against the batch's ``golds``)."""
     pruner = _pruner(method, keep, options)
     select_flops = count_selection_flops(pruner)
-    metric = AnswerAccuracy()
+    metric = metric_factory() if metric_factory is not None else AnswerAccuracy()
     kept_sum: dict[str, float] = defaultdict(float)
     flops_sum: dict[str, float] = defaultdict(float)
     n = 0
@@ -47,7 +51,7 @@ def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, k
         with pruner(model) as engine:
             answers = greedy_answers(model, processor, batch, max_new_tokens=max_new_tokens)
             kept = {s: v.float().cpu() for s, v in engine.kept_tokens.items()}
-        metric.update(answers, batch["answers"], batch.get("qtypes"))
+        metric.update(answers, batch.get("golds", batch["answers"]), batch.get("qtypes"))
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
         n_visual = ((ids == image_token) & mask).sum(1)
         n_text = mask.sum(1) - n_visual
@@ -58,12 +62,15 @@ def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, k
             for s, v in per_site.items():
                 kept_sum[s] += v
         n += ids.shape[0]
-    by_type = {k: float(v) for k, v in metric.compute_all().items() if k != "acc"}
+    scores = {k: float(v) for k, v in metric.compute_all().items()}
+    by_type = {k: v for k, v in scores.items() if k.startswith("acc_")}
+    extra = {k: v for k, v in scores.items() if k != "acc" and not k.startswith("acc_")}  # e.g. POPE's F1
     flops = {k: v / n for k, v in flops_sum.items()}
     flops["pruner"] = sum(select_flops) / max(n, 1)
     return {
         "accuracy": float(metric.compute()),
         "accuracy_by_type": by_type,
+        "metrics": extra,
         "kept_tokens": {s: v / n for s, v in kept_sum.items()},
         "flops": flops,
         "prefill_tflops": sum(flops.values()) / 1e12,
@@ -85,6 +92,7 @@ def run_grid(
     warmup: int = 2,
     max_new_tokens: int = 2,
     options: dict[str, dict] | None = None,
+    metric_factory: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
 
@@ -106,7 +114,7 @@ def run_grid(
         bar.set_postfix_str(f"{method} keep={keep}")
         start = time.time()
         torch.manual_seed(0)
-        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options)
+        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options, metric_factory)
         timing = time_prefill_and_generation(model, _pruner(method, keep, options), timing_inputs, repeats, warmup,
                                              max_new_tokens)
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,

@@ -40,8 +40,9 @@ def _fmt_kept(kept: dict[str, float]) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """One row per (method, keep, dataset), sorted by dataset, keep and accuracy."""
-    qtypes = sorted({k[4:] for r in records for k in r.get("accuracy_by_type", {})})
-    head = ["method", "keep", "dataset", "accuracy", *qtypes, "kept visual tokens", "prefill TFLOPs",
+    qtypes = sorted({k[4:] for r in records for k in r.get("accuracy_by_type", {}) if k.startswith("acc_")})
+    extra = sorted({k for r in records for k in r.get("metrics", {})})  # POPE: precision, recall, f1, yes_ratio
+    head = ["method", "keep", "dataset", "accuracy", *qtypes, *extra, "kept visual tokens", "prefill TFLOPs",
             "prefill ms", "generate ms", "peak MB", "KV MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(records, key=lambda r: (r["dataset"], str(r["keep"]), -r["accuracy"]))
@@ -49,6 +50,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         by_type = r.get("accuracy_by_type", {})
         cells = [r["method"], str(r["keep"]), r["dataset"], f"{100 * r['accuracy']:.1f}",
                  *[f"{100 * by_type.get('acc_' + q, float('nan')):.1f}" for q in qtypes],
+                 *[f"{100 * r.get('metrics', {}).get(k, float('nan')):.1f}" for k in extra],
                  _fmt_kept(r["kept_tokens"]), f"{r['prefill_tflops']:.4f}", f"{r['prefill_ms']:.1f}",
                  f"{r['generate_ms']:.1f}", f"{r['peak_mem_mb']:.1f}", f"{r['kv_cache_mb']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
