@@ -1,7 +1,8 @@
 """LightningModules: backbone pretraining and one per learned pruning method."""
 
 from .atp import ATPModule
+from .bavit import BAViTModule
 from .backbone import BackboneModule
 from .learned import LearnedPrunerModule
 
-__all__ = ["ATPModule", "BackboneModule", "LearnedPrunerModule"]
+__all__ = ["ATPModule", "BAViTModule", "BackboneModule", "LearnedPrunerModule"]

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from .atp import ATPHead
+from .bavit import BAViTHead
 from .lora import load_adapter
 from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
 
-HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead}
+HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead}
 
 
 def is_adaptive(name: str) -> bool:
@@ -34,7 +35,7 @@ def load_head(folder: str | Path, **overrides: Any) -> LearnedHead:
     method = config.get("method")
     if method not in HEADS:
         raise ValueError(f"{folder}: unknown head method {method!r}; known: {sorted(HEADS)}")
-    if "keep" in overrides and HEADS[method].adaptive:
+    if "keep" in overrides and HEADS[method].adaptive and not HEADS[method].accepts_keep:
         raise ValueError(f"{folder}: {method} heads choose their kept count per instance; "
                          "they take no `keep` (their training target sets the mean)")
     hparams = {**config["hparams"], **overrides}

@@ -41,7 +41,8 @@ class LearnedHead(nn.Module):
     ``budget_loss`` and ``hparams`` (the constructor arguments to save)."""
 
     method: str = ""
-    adaptive: bool = False  # True: the head picks its kept count per instance and takes no `keep`
+    adaptive: bool = False  # True: the head picks its kept count per instance (evaluated at its mean)
+    accepts_keep: bool = False  # an adaptive head that can also be given a budget `keep` at inference
     repack_positions: bool | None = False  # soft training never moves tokens; inference must match
 
     def __init__(self) -> None:

@@ -1,0 +1,76 @@
+"""``module=bavit``: train a BAViT foreground classifier on the frozen backbone's patch embeddings.
+
+Training needs no LLM pass: cross-entropy of the per-token foreground/background logits against
+the per-patch masks the data provides (ShapesVQA's ``patch_mask``). Validation runs the head as a
+pruner (hard mode, greedy answers, kept tokens, from the base module) and reports token accuracy
+and foreground F1 (torchmetrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score
+
+from ..pruners.bavit import BAViTHead
+from .learned import LearnedPrunerModule
+
+
+class BAViTModule(LearnedPrunerModule):
+    """Builds a :class:`~learned_prune.pruners.bavit.BAViTHead` for ``model`` and trains it on patch masks."""
+
+    def __init__(self, model: nn.Module, processor: Any = None, width: int = 64, depth: int = 2, heads: int = 4,
+                 threshold: float = 0.5, min_keep: int = 1, **kwargs: Any) -> None:
+        head = BAViTHead(model.config.vision_config.hidden_size, width=width, depth=depth, heads=heads,
+                         threshold=threshold, min_keep=min_keep)
+        kwargs.setdefault("budget_weight", 0.0)
+        kwargs.setdefault("distill_weight", 0.0)
+        super().__init__(model, head, processor=processor, **kwargs)
+        self.token_acc = nn.ModuleDict({f"{s}_": BinaryAccuracy() for s in ("train", "val", "test")})
+        self.token_f1 = nn.ModuleDict({f"{s}_": BinaryF1Score() for s in ("train", "val", "test")})  # "train" is a reserved name
+
+    def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's input tokens (patch embeddings + positions, pre-norm), [CLS] dropped."""
+        if pixel_values.dim() != 4:
+            raise ValueError("BAViT training takes single-view images (B, 3, H, W); LLaVA-NeXT tiles are not supported")
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        with torch.no_grad():
+            return tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype)))[:, 1:]
+
+    def _token_step(self, batch: dict, stage: str) -> torch.Tensor:
+        if "patch_mask" not in batch:
+            raise KeyError("BAViT needs per-patch foreground labels (`patch_mask`) in the batches: use data=shapes")
+        logits = self.head(self.patch_embeddings(batch["pixel_values"]).float())
+        target = batch["patch_mask"].long()
+        if logits.shape[1] != target.shape[1]:
+            raise ValueError(f"the tower gives {logits.shape[1]} patches but the masks have {target.shape[1]}: "
+                             "the data's image_size/patch_size must match the backbone's")
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        prob = logits.softmax(-1)[..., 1].detach().flatten()
+        self.token_acc[stage + "_"].update(prob, target.flatten())
+        self.token_f1[stage + "_"].update(prob, target.flatten())
+        bs = target.shape[0]
+        self.log(f"{stage}/token_loss", loss, batch_size=bs, prog_bar=stage == "train")
+        self.log(f"{stage}/token_acc", self.token_acc[stage + "_"], batch_size=bs, on_step=stage == "train", on_epoch=True)
+        self.log(f"{stage}/token_f1", self.token_f1[stage + "_"], batch_size=bs, on_step=stage == "train", on_epoch=True,
+                 prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._token_step(batch, "train")
+        self.log("train/loss", loss, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with torch.no_grad():
+            self._token_step(batch, "val")
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        with torch.no_grad():
+            self._token_step(batch, "test")
+        super().test_step(batch, batch_idx)
