@@ -35,6 +35,16 @@ from ..pruners.lora import LoraSettings, add_lora, lora_disabled, lora_state_dic
 from .schedule import warmup_cosine
 
 
+def _plain_hparams(hparams: Any) -> None:
+    """Turn OmegaConf containers in ``hparams`` into plain dicts/lists in place, so checkpoints load
+    with ``torch.load(weights_only=True)``."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    for key, value in list(hparams.items()):
+        if isinstance(value, (DictConfig, ListConfig)):
+            hparams[key] = OmegaConf.to_container(value, resolve=True)
+
+
 class LearnedPrunerModule(pl.LightningModule):
     """Train ``head`` on a frozen ``model``; ``export()`` writes the head folder."""
 
@@ -54,11 +64,9 @@ class LearnedPrunerModule(pl.LightningModule):
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if lora is not None and not isinstance(lora, dict):  # a Hydra DictConfig: keep checkpoints plain
-            from omegaconf import OmegaConf
-
-            lora = OmegaConf.to_container(lora, resolve=True)
         self.save_hyperparameters(ignore=["model", "head", "processor"])
+        _plain_hparams(self.hparams)  # subclasses' frames may hand Hydra containers to the checkpoint
+        lora = self.hparams.get("lora", lora)
         self.model = model
         self.processor = processor
         self.head = head

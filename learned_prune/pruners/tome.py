@@ -13,17 +13,7 @@ import torch
 
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
-from .merging import merge_to
-
-
-def _pad(values: list[torch.Tensor], slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    k = max(v.shape[0] for v in values)
-    B, D = len(values), values[0].shape[-1]
-    out = values[0].new_zeros(B, k, D)
-    idx = torch.full((B, k), -1, dtype=torch.long, device=values[0].device)
-    for i, (v, s) in enumerate(zip(values, slots)):
-        out[i, : v.shape[0]], idx[i, : s.shape[0]] = v, s
-    return out, idx
+from .merging import merge_to_batched
 
 
 @dataclass
@@ -40,22 +30,21 @@ class ToMe(Pruner):
 
     site: str = "vision"
 
-    def _merge_inputs(self, state: PruneState) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _merge_inputs(self, state: PruneState) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """(tokens, metric or None to match on the tokens themselves, values space)."""
         return state.visual_hidden, state.vision_keys(-1), "llm"
 
-    def _first_steps(self, n: int) -> list[int]:
+    def _first_steps(self, n: torch.Tensor) -> list[torch.Tensor]:
+        """Per-sample token counts (B,) removed by fixed first steps, from the visual counts ``n``."""
         return []
 
     def select(self, state: PruneState) -> Selection:
-        k = resolve_keep(self.keep, state.n_visual_original).clamp(max=state.n_visual)
+        # The whole batch merges at once (merging.merge_to_batched): no Python loop over samples,
+        # one batched step per halving, padded samples masked by their visual-token counts.
+        n = state.n_visual
+        k = resolve_keep(self.keep, state.n_visual_original).clamp(max=n)
         x, metric, space = self._merge_inputs(state)
-        values, slots = [], []
-        for b in range(x.shape[0]):
-            n = int(state.n_visual[b])
-            v, s = merge_to(x[b, :n], metric[b, :n], int(k[b]), self._first_steps(n))
-            values.append(v)
-            slots.append(s)
-        vals, idx = _pad(values, slots)
+        vals, idx = merge_to_batched(x, metric, k, n=n, first_steps=self._first_steps(n))
         return Selection(indices=idx, values=vals, values_space=space)
 
 
@@ -70,9 +59,8 @@ class AIMMerge(ToMe):
     merge alone).
     """
 
-    def _merge_inputs(self, state: PruneState) -> tuple[torch.Tensor, torch.Tensor, str]:
-        h = state.visual_hidden
-        return h, h, "llm"
+    def _merge_inputs(self, state: PruneState) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        return state.visual_hidden, None, "llm"  # metric = the embeddings: one buffer serves both
 
-    def _first_steps(self, n: int) -> list[int]:
+    def _first_steps(self, n: torch.Tensor) -> list[torch.Tensor]:
         return [n // 2, n // 4]
