@@ -256,6 +256,8 @@ class Engine:
             visual = torch.zeros(B, q, dtype=torch.bool, device=device)
         rank = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(pos, -1))
         seq = Sequence(hidden=embeds, pos=pos, valid=valid, visual_rank=rank, n_visual_original=visual.sum(1))
+        if self._labels is not None and self._labels.shape == (B, q):  # teacher-forced: mark the answer
+            seq.extras["answer"] = self._labels.to(device) != -100
         self.kept_tokens = {}
         self.output_index = torch.arange(q, device=device)[None].expand(B, q)
         zeros = torch.zeros(B, dtype=torch.long, device=device)

@@ -40,12 +40,20 @@ class Sequence:
         valid = torch.arange(nv, device=vis.device)[None] < counts[:, None]
         return torch.where(valid, order, torch.zeros_like(order)), valid
 
+    @property
+    def prompt_valid(self) -> torch.Tensor:
+        """(B, L) bool: valid tokens of the prompt. In a teacher-forced training pass the answer
+        tokens (``extras["answer"]``, from the labels) are left out, so that what a pruner reads
+        matches what it reads at inference, where the answer is not there yet."""
+        answer = self.extras.get("answer")
+        return self.valid if answer is None else self.valid & ~answer
+
     def instruction_mask(self) -> torch.Tensor:
-        """(B, L) bool: valid text tokens after each sample's last visual token."""
+        """(B, L) bool: valid prompt text tokens after each sample's last visual token."""
         L = self.valid.shape[1]
         idx = torch.arange(L, device=self.valid.device).expand_as(self.valid)
         last_visual = torch.where(self.is_visual, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
-        return self.valid & ~self.is_visual & (idx > last_visual)
+        return self.prompt_valid & ~self.is_visual & (idx > last_visual)
 
     def gather(self, index: torch.Tensor, slot_valid: torch.Tensor) -> "Sequence":
         """Keep rows ``index`` (B, L') of every per-token tensor; ``slot_valid`` marks real slots."""

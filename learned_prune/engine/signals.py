@@ -32,8 +32,8 @@ def _query_mask(state: "PruneState", queries: str | torch.Tensor) -> torch.Tenso
     L = seq.valid.shape[1]
     if queries == "last":
         idx = torch.arange(L, device=seq.valid.device).expand_as(seq.valid)
-        last = torch.where(seq.valid, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
-        return idx == last
+        last = torch.where(seq.prompt_valid, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
+        return idx == last  # the last prompt token (teacher-forced answers excluded)
     if queries == "instruction":
         mask = seq.instruction_mask()
         if bool((mask.sum(1) == 0).any()):  # no text after the image: fall back to the last token

@@ -4,5 +4,6 @@ from .atp import ATPModule
 from .bavit import BAViTModule
 from .backbone import BackboneModule
 from .learned import LearnedPrunerModule
+from .lvpruning import LVPruningModule
 
-__all__ = ["ATPModule", "BAViTModule", "BackboneModule", "LearnedPrunerModule"]
+__all__ = ["ATPModule", "BAViTModule", "BackboneModule", "LearnedPrunerModule", "LVPruningModule"]

@@ -9,9 +9,10 @@ from typing import Any
 from .atp import ATPHead
 from .bavit import BAViTHead
 from .lora import load_adapter
+from .lvpruning import LVPruningHead
 from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
 
-HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead}
+HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead, "lvpruning": LVPruningHead}
 
 
 def is_adaptive(name: str) -> bool:
