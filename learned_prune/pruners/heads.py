@@ -8,11 +8,13 @@ from typing import Any
 
 from .atp import ATPHead
 from .bavit import BAViTHead
+from .dyvte import DyVTEHead
 from .lora import load_adapter
 from .lvpruning import LVPruningHead
 from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
 
-HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead, "lvpruning": LVPruningHead}
+HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead, "lvpruning": LVPruningHead,
+                                    "dyvte": DyVTEHead}
 
 
 def is_adaptive(name: str) -> bool:

@@ -46,13 +46,13 @@ def register_pruner(name: str, cls: type) -> type:
 
 
 def load_pruner(name: str | list | PrunerBase, **kwargs: Any) -> PrunerBase:
-    """Build a pruner from a registry name, a list of names/pruners (applied in order), or a head folder.
+    """Build a pruner from a registry name, a head folder, a pruner object, or a list of these (applied in order).
 
     ``load_pruner("fastv", layer=2, keep=64)``; ``load_pruner(["fastv", "random"], keep=0.5)``
     gives each the same kwargs; unknown names and unknown arguments raise with the valid choices.
     """
-    if isinstance(name, PrunerBase):
-        return name
+    if isinstance(name, PrunerBase) or (hasattr(name, "select") and hasattr(name, "sites")):
+        return name  # already a pruner (a registry class instance, or a learned head)
     if isinstance(name, (list, tuple)):
         return Compose([load_pruner(n, **kwargs) for n in name])
     if name not in PRUNERS and Path(name).is_dir():

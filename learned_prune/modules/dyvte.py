@@ -1,0 +1,132 @@
+"""``module=dyvte``: train DyVTE's exit routers on labels the frozen backbone makes itself.
+
+Each training step (as the official ``finetune_visual_gate`` recipe, several layers at once):
+
+1. run the frozen model on the teacher-forced batch (A) and read every layer's input states;
+2. for each sampled layer l, run it again with all visual tokens removed from layer l on (B_l,
+   :class:`~learned_prune.pruners.dyvte.VisualExit`);
+3. label a sample *exit at l* when B_l's greedy answer tokens all agree with A's and its answer loss
+   is within the margin: ``loss_B <= (1 + rel_margin) * loss_A + margin`` (the official code uses
+   ``1.03 * loss_A`` alone; on a small, confident model both losses are near 0 and a purely relative
+   margin would label nothing, hence the absolute term);
+4. train router l by cross-entropy on [mean instruction state, last prompt state] of A at layer l,
+   detached (the backbone is frozen and gets no gradient).
+
+Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer
+distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exits save.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..engine import Engine
+from ..evaluation.flops import llm_layer_flops
+from ..evaluation.vqa import AnswerAccuracy
+from ..pruners.dyvte import DyVTEHead, VisualExit, router_features
+from .learned import LearnedPrunerModule
+
+
+def answer_loss_and_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean next-token CE over answer tokens (B,) and greedy next-token predictions (B, L-1)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = shift_labels != -100
+    ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp_min(0), reduction="none")
+    loss = (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return loss, shift_logits.argmax(-1)
+
+
+class DyVTEModule(LearnedPrunerModule):
+    """Builds a :class:`~learned_prune.pruners.dyvte.DyVTEHead` for ``model`` and trains its routers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any = None,
+        width: int | None = None,
+        threshold: float = 0.5,
+        min_layer: int = 1,
+        layers_per_step: int | None = None,
+        margin: float = 0.05,
+        rel_margin: float = 0.03,
+        **kwargs: Any,
+    ) -> None:
+        tc = model.config.text_config
+        head = DyVTEHead(tc.hidden_size, tc.num_hidden_layers, width=width, threshold=threshold, min_layer=min_layer)
+        kwargs.setdefault("distill_weight", 0.0)
+        kwargs.setdefault("budget_weight", 0.0)
+        super().__init__(model, head, processor=processor, **kwargs)
+        self.val_saved, self.test_saved = MeanMetric(), MeanMetric()
+
+    def label_layers(self) -> list[int]:
+        layers = list(range(self.head.min_layer, self.head.num_layers))
+        k = self.hparams.layers_per_step
+        return layers if not k or k >= len(layers) else sorted(random.sample(layers, k))
+
+    @torch.no_grad()
+    def make_labels(self, batch: dict, layers: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Router features and exit labels per layer, from the frozen model run with and without visual tokens."""
+        inputs, labels = self._inputs(batch), batch["labels"]
+        full = self.model(**inputs, output_hidden_states=True, use_cache=False)
+        loss_a, pred_a = answer_loss_and_predictions(full.logits, labels)
+        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        is_image = ids == self.model.config.image_token_id
+        prompt = valid & (labels == -100)
+        last_image = torch.where(is_image, idx, -1).amax(1, keepdim=True)
+        instruction = prompt & ~is_image & (idx > last_image)
+        feats, targets = {}, {}
+        for layer in layers:
+            feats[layer] = router_features(full.hidden_states[layer].detach(), instruction, prompt)
+            with Engine(self.model, [VisualExit(layer)], mode="hard") as engine:
+                out = self.model(**inputs, use_cache=False)
+            rows = engine.output_index
+            lab = torch.gather(labels, 1, rows)
+            loss_b, pred_b = answer_loss_and_predictions(out.logits, lab)
+            pred_a_rows = torch.gather(pred_a, 1, rows[:, :-1])
+            answer = lab[:, 1:] != -100
+            agree = ((pred_a_rows == pred_b) | ~answer).all(1)
+            close = loss_b <= (1 + self.hparams.rel_margin) * loss_a + self.hparams.margin
+            targets[layer] = (agree & close).long()
+        return feats, targets
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        feats, targets = self.make_labels(batch, self.label_layers())
+        losses, correct = [], []
+        bs = batch["labels"].shape[0]
+        for layer, x in feats.items():
+            logits = self.head.exit_logits(layer, x)
+            losses.append(F.cross_entropy(logits, targets[layer]))
+            correct.append((logits.argmax(-1) == targets[layer]).float().mean())
+            self.log(f"train/label_exit/llm:{layer}", targets[layer].float().mean(), batch_size=bs)
+        loss = torch.stack(losses).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/router_acc", torch.stack(correct).mean(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
+        super()._eval_step(batch, acc, kept, stage)
+        saved = self.val_saved if stage == "val" else self.test_saved
+        saved.update(self.flops_saved(batch))
+        self.log(f"{stage}/llm_flops_saved", saved, prog_bar=True, batch_size=len(batch["answers"]))
+
+    def flops_saved(self, batch: dict) -> torch.Tensor:
+        """Per-sample fraction of LLM prefill FLOPs saved by the exits of the last forward, (B,)."""
+        tc = self.model.config.text_config
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
+        n_vis = ((ids == self.model.config.image_token_id) & mask).sum(1).tolist()
+        n_all = mask.sum(1).tolist()
+        exits = self.head.exit_layer.tolist()
+        out = []
+        for nv, n, e in zip(n_vis, n_all, exits):
+            full = tc.num_hidden_layers * llm_layer_flops(n, tc.hidden_size, tc.intermediate_size)
+            pruned = (e * llm_layer_flops(n, tc.hidden_size, tc.intermediate_size)
+                      + (tc.num_hidden_layers - e) * llm_layer_flops(n - nv, tc.hidden_size, tc.intermediate_size))
+            out.append(1 - pruned / full)
+        return torch.tensor(out)
