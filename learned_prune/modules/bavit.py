@@ -1,9 +1,9 @@
 """``module=bavit``: train a BAViT foreground classifier on the frozen backbone's patch embeddings.
 
 Training needs no LLM pass: cross-entropy of the per-token foreground/background logits against
-the per-patch masks the data provides (ShapesVQA's ``patch_mask``). Validation runs the head as a
-pruner (hard mode, greedy answers, kept tokens, from the base module) and reports token accuracy
-and foreground F1 (torchmetrics).
+the per-patch masks the data provides (``patch_mask``: ShapesVQA's, or COCO boxes/polygons with
+``data=coco_masks``). Validation reports token accuracy and foreground F1 (torchmetrics) and, on VQA
+data, also runs the head as a pruner (hard mode, greedy answers, kept tokens, from the base module).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class BAViTModule(LearnedPrunerModule):
 
     def _token_step(self, batch: dict, stage: str) -> torch.Tensor:
         if "patch_mask" not in batch:
-            raise KeyError("BAViT needs per-patch foreground labels (`patch_mask`) in the batches: use data=shapes")
+            raise KeyError("BAViT needs per-patch foreground labels (`patch_mask`) in the batches: "
+                           "use data=shapes or data=coco_masks")
         logits = self.head(self.patch_embeddings(batch["pixel_values"]).float())
         target = batch["patch_mask"].long()
         if logits.shape[1] != target.shape[1]:
@@ -68,9 +69,11 @@ class BAViTModule(LearnedPrunerModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
             self._token_step(batch, "val")
-        super().validation_step(batch, batch_idx)
+        if "answers" in batch:  # VQA data (ShapesVQA): also answer with the head pruning
+            super().validation_step(batch, batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
             self._token_step(batch, "test")
-        super().test_step(batch, batch_idx)
+        if "answers" in batch:
+            super().test_step(batch, batch_idx)

@@ -154,6 +154,8 @@ class LearnedPrunerModule(pl.LightningModule):
         self._eval_step(batch, self.test_acc, self.test_kept, "test")
 
     def _epoch_end(self, acc: AnswerAccuracy, stage: str) -> None:
+        if acc.update_count == 0:  # no answers this epoch (e.g. BAViT on mask-only data)
+            return
         for k, v in acc.compute_all().items():
             self.log(f"{stage}/{k}", v, prog_bar=k == "acc", sync_dist=True)
         acc.reset()
