@@ -145,3 +145,20 @@ def compose_train(out, overrides: list[str], export_name: str = "export"):
         cfg.module.export_dir = str(Path(out) / export_name)
     GlobalHydra.instance().clear()
     return cfg
+
+
+def fit_frozen(out, overrides: list[str], export_name: str) -> dict:
+    """Build and fit a learned-head run; assert the frozen backbone is bit-identical and the head trained.
+
+    Returns the built parts (``model``, ``module``, ``trainer``, ``datamodule``, ...).
+    """
+    from learned_prune.run import build
+
+    parts = build(compose_train(out, overrides, export_name))
+    model, module = parts["model"], parts["module"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    parts["trainer"].fit(module, datamodule=parts["datamodule"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the frozen backbone changed"
+    assert any(not torch.equal(head_before[k], v) for k, v in module.head.state_dict().items()), "head did not train"
+    return parts

@@ -11,9 +11,8 @@ from PIL import Image
 
 from learned_prune import tiny_llava
 from learned_prune.data.coco_masks import CocoMaskCollator, CocoMasksDataset, object_mask
-from learned_prune.run import build
 
-from helpers import compose_train
+from helpers import fit_frozen
 from test_atp import TINY
 
 
@@ -78,13 +77,9 @@ def test_bavit_trains_on_coco_masks(tmp_path):
     path = _write_coco(tmp_path, n_images=12)
     overrides = [o if not o.startswith("module=") else "module=bavit" for o in TINY]
     overrides = [o for o in overrides if not o.startswith("data.")]
-    cfg = compose_train(tmp_path, [*overrides, "data=coco_masks", f"data.annotations={path}",
-                                   f"data.images_dir={tmp_path / 'images'}", "data.batch_size=4",
-                                   "data.val_fraction=0.3", "trainer.max_steps=2", "test=false"], "bavit-coco")
-    parts = build(cfg)
-    module, trainer = parts["module"], parts["trainer"]
-    before = {k: v.clone() for k, v in module.head.state_dict().items()}
-    trainer.fit(module, datamodule=parts["datamodule"])
-    assert any(not torch.equal(before[k], v) for k, v in module.head.state_dict().items())
+    parts = fit_frozen(tmp_path, [*overrides, "data=coco_masks", f"data.annotations={path}",
+                                  f"data.images_dir={tmp_path / 'images'}", "data.batch_size=4",
+                                  "data.val_fraction=0.3", "trainer.max_steps=2", "test=false"], "bavit-coco")
+    trainer = parts["trainer"]
     assert {"val/token_f1", "val/token_acc"} <= set(trainer.callback_metrics)
     assert (tmp_path / "bavit-coco" / "model.safetensors").is_file()

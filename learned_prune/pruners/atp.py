@@ -53,6 +53,8 @@ class ATPHead(LearnedHead):
     """
 
     method = "atp"
+    display_name = "ATP"
+    sized_for_llm = True
     adaptive = True
 
     def __init__(
@@ -84,14 +86,6 @@ class ATPHead(LearnedHead):
 
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in self.layers]
-
-    def prepare(self, adapter: Any) -> None:
-        if adapter.text_config.hidden_size != self.hidden_size or adapter.num_layers != self.num_layers:
-            raise ValueError(
-                f"this ATP head was built for an LLM with hidden size {self.hidden_size} and {self.num_layers} layers, "
-                f"but the model has hidden size {adapter.text_config.hidden_size} and {adapter.num_layers} layers"
-            )
-        super().prepare(adapter)
 
     def spatial_score(self, state: PruneState) -> torch.Tensor:
         rows, cols = state.image_grid

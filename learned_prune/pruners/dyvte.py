@@ -74,6 +74,8 @@ class DyVTEHead(LearnedHead):
     """One router per decoder layer; the first that says *exit* removes all visual tokens from there on."""
 
     method = "dyvte"
+    display_name = "DyVTE"
+    sized_for_llm = True
     adaptive = True  # the exit layer, hence the compute, varies per instance
 
     def __init__(self, hidden_size: int, num_layers: int, width: int | None = None, threshold: float = 0.5,
@@ -95,14 +97,6 @@ class DyVTEHead(LearnedHead):
 
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in range(self.min_layer, self.num_layers)]
-
-    def prepare(self, adapter: Any) -> None:
-        if adapter.text_config.hidden_size != self.hidden_size or adapter.num_layers != self.num_layers:
-            raise ValueError(
-                f"this DyVTE head was built for an LLM with hidden size {self.hidden_size} and {self.num_layers} "
-                f"layers, but the model has hidden size {adapter.text_config.hidden_size} and {adapter.num_layers} layers"
-            )
-        super().prepare(adapter)
 
     def exit_logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(B, 2) stay/exit logits of the router at site ``llm:layer``."""

@@ -44,6 +44,8 @@ class LearnedHead(nn.Module):
     adaptive: bool = False  # True: the head picks its kept count per instance (evaluated at its mean)
     accepts_keep: bool = False  # an adaptive head that can also be given a budget `keep` at inference
     repack_positions: bool | None = False  # soft training never moves tokens; inference must match
+    display_name: str = ""  # for messages, e.g. "ATP"
+    sized_for_llm: bool = False  # True: built for an LLM of ``hidden_size`` x ``num_layers``, checked in prepare()
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +58,13 @@ class LearnedHead(nn.Module):
         raise NotImplementedError
 
     def prepare(self, adapter: Any) -> None:
+        if self.sized_for_llm and (adapter.text_config.hidden_size != self.hidden_size
+                                   or adapter.num_layers != self.num_layers):
+            raise ValueError(
+                f"this {self.display_name or self.method} head was built for an LLM with hidden size "
+                f"{self.hidden_size} and {self.num_layers} layers, but the model has hidden size "
+                f"{adapter.text_config.hidden_size} and {adapter.num_layers} layers"
+            )
         have = backbone_signature(adapter)
         if self.backbone:
             diff = {k: (v, have[k]) for k, v in self.backbone.items() if k in have and have[k] != v}

@@ -85,6 +85,8 @@ class LVPruningHead(LearnedHead):
     """Three cross-attention decision modules in the LLM; Gumbel masks in training, top-k at inference."""
 
     method = "lvpruning"
+    display_name = "LVPruning"
+    sized_for_llm = True
 
     def __init__(
         self,
@@ -122,14 +124,6 @@ class LVPruningHead(LearnedHead):
     # ---- pruner protocol -----------------------------------------------------------------
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in self.layers]
-
-    def prepare(self, adapter: Any) -> None:
-        if adapter.text_config.hidden_size != self.hidden_size or adapter.num_layers != self.num_layers:
-            raise ValueError(
-                f"this LVPruning head was built for an LLM with hidden size {self.hidden_size} and {self.num_layers} "
-                f"layers, but the model has hidden size {adapter.text_config.hidden_size} and {adapter.num_layers} layers"
-            )
-        super().prepare(adapter)
 
     def logits(self, state: PruneState) -> torch.Tensor:
         """(B, Nv, 2) keep/drop logits of the decision module at this site."""
