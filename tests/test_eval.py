@@ -47,14 +47,22 @@ def test_analytic_flops_follow_kept_counts():
     assert pruned["llm"] == L * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
 
 
-def _grid(tmp_path, methods, keeps):
+def _grid(tmp_path, methods, keeps, repeats=1):
     model, processor = get_tiny("llava")
     dm = ShapesVQADataModule(processor, batch_size=4, test_size=8, val_size=4, train_size=4)
     batch = next(iter(dm._loader(dm.test_set, False, 1)))
     timing = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
               "pixel_values": batch["pixel_values"]}
     return run_grid(model, processor, dm.test_dataloader(), timing, methods, keeps, "shapes:test", tmp_path,
-                    config={"note": "test"}, repeats=1, warmup=0)
+                    config={"note": "test"}, repeats=repeats, warmup=0)
+
+
+def test_grid_without_timing_records_accuracy_only(tmp_path):
+    records = _grid(tmp_path, ["none", "fastv"], [16], repeats=0)
+    assert all(r["prefill_ms"] is None and r["kv_cache_mb"] is None for r in records)
+    assert records[1]["prefill_tflops"] < records[0]["prefill_tflops"]  # FLOPs are counted, not timed
+    row = markdown_table(records).splitlines()[-1]
+    assert row.endswith("| - | - | - | - |")
 
 
 def test_grid_records_parse_resume_and_report(tmp_path):

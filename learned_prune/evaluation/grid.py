@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..pruners import load_pruner
 from ..pruners.heads import is_adaptive
-from .measure import analytic_flops, count_selection_flops, time_prefill_and_generation
+from .measure import TIMING_FIELDS, analytic_flops, count_selection_flops, time_prefill_and_generation
 from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
@@ -96,6 +96,7 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
 
+    ``repeats=0`` skips the timing (accuracy-only sweeps): its fields are recorded as ``None``.
     Records already in that file are skipped, so an interrupted grid resumes where it stopped.
     ``none`` runs once (its budget is ``"all"``), adaptive heads once (``"adaptive"``, compared at their
     mean kept count). ``options`` maps a method to its constructor arguments (configs/method/<name>.yaml).
@@ -115,8 +116,8 @@ def run_grid(
         start = time.time()
         torch.manual_seed(0)
         result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options, metric_factory)
-        timing = time_prefill_and_generation(model, _pruner(method, keep, options), timing_inputs, repeats, warmup,
-                                             max_new_tokens)
+        timing = (time_prefill_and_generation(model, _pruner(method, keep, options), timing_inputs, repeats, warmup,
+                                              max_new_tokens) if repeats > 0 else dict.fromkeys(TIMING_FIELDS))
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
                   "seconds": round(time.time() - start, 1), "config": config or {}}
         append_record(path, record)

@@ -83,11 +83,16 @@ def analytic_flops(model: torch.nn.Module, n_text: int, n_visual: int, kept: dic
     return {"llm": f.llm, "vision": f.vision, "projector": f.projector}
 
 
+TIMING_FIELDS = ("prefill_ms", "generate_ms", "peak_mem_mb", "kv_cache_mb")
+
+
 @torch.no_grad()
 def time_prefill_and_generation(
     model: torch.nn.Module, pruner: Any, inputs: dict, repeats: int = 5, warmup: int = 2, max_new_tokens: int = 2
 ) -> dict[str, float]:
     """Median prefill latency (after warm-up), total generation latency, peak memory, KV-cache MB."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: time at least one prefill (the eval grid skips timing at 0)")
     device = next(model.parameters()).device
     with pruner(model):
         for _ in range(warmup):

@@ -38,6 +38,10 @@ def _fmt_kept(kept: dict[str, float]) -> str:
     return ", ".join(f"{s}: {v:.0f}" for s, v in kept.items()) or "all"
 
 
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """One row per (method, keep, dataset), sorted by dataset, keep and accuracy."""
     qtypes = sorted({k[4:] for r in records for k in r.get("accuracy_by_type", {}) if k.startswith("acc_")})
@@ -51,8 +55,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         cells = [r["method"], str(r["keep"]), r["dataset"], f"{100 * r['accuracy']:.1f}",
                  *[f"{100 * by_type.get('acc_' + q, float('nan')):.1f}" for q in qtypes],
                  *[f"{100 * r.get('metrics', {}).get(k, float('nan')):.1f}" for k in extra],
-                 _fmt_kept(r["kept_tokens"]), f"{r['prefill_tflops']:.4f}", f"{r['prefill_ms']:.1f}",
-                 f"{r['generate_ms']:.1f}", f"{r['peak_mem_mb']:.1f}", f"{r['kv_cache_mb']:.2f}"]
+                 _fmt_kept(r["kept_tokens"]), f"{r['prefill_tflops']:.4f}", _num(r.get("prefill_ms"), 1),
+                 _num(r.get("generate_ms"), 1), _num(r.get("peak_mem_mb"), 1), _num(r.get("kv_cache_mb"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
