@@ -29,9 +29,9 @@ def _random_head(model, **kw) -> LVPruningHead:
 def test_lvpruning_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     parts = fit_frozen(tmp_path, [*LVP, "trainer.max_steps=3", "test=false"], "lvp-head")
     module, trainer = parts["module"], parts["trainer"]
-    assert {"train/kept_frac/llm:1", "train/kept_frac/llm:4", "val/acc"} <= set(trainer.callback_metrics)
+    assert {"train/kept_frac/llm:3", "train/kept_frac/llm:5", "val/acc"} <= set(trainer.callback_metrics)
     head = load_pruner(str(tmp_path / "lvp-head"))
-    assert isinstance(head, LVPruningHead) and head.layers == [1, 2, 4]
+    assert isinstance(head, LVPruningHead) and head.layers == [3, 4, 5]  # the config default
     module.head.eval()
     torch.testing.assert_close(head.state_dict(), module.head.state_dict())
     fresh, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
@@ -41,14 +41,14 @@ def test_lvpruning_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
         fresh(**batch)
     n = (batch["input_ids"] == fresh.config.image_token_id).sum(1)[0].item()
     want = [round(n * r) for r in (0.5, 0.3, 0.11)]
-    assert [int(engine.kept_tokens[f"llm:{k}"][0]) for k in (1, 2, 4)] == want
+    assert [int(engine.kept_tokens[f"llm:{k}"][0]) for k in (3, 4, 5)] == want
     # ratios are set at test time without retraining: keep shifts every module's ratio
     with torch.no_grad(), load_pruner(str(tmp_path / "lvp-head"), keep=0.22)(fresh) as engine:
         fresh(**batch)
-    assert [int(engine.kept_tokens[f"llm:{k}"][0]) for k in (1, 2, 4)] == [round(n * r) for r in (0.61, 0.41, 0.22)]
+    assert [int(engine.kept_tokens[f"llm:{k}"][0]) for k in (3, 4, 5)] == [round(n * r) for r in (0.61, 0.41, 0.22)]
     with torch.no_grad(), load_pruner(str(tmp_path / "lvp-head"), keep=16)(fresh) as engine:
         fresh(**batch)
-    assert engine.kept_tokens["llm:4"].tolist() == [16, 16, 16]
+    assert engine.kept_tokens["llm:5"].tolist() == [16, 16, 16]
     other, _ = tiny_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):

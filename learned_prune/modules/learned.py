@@ -182,7 +182,7 @@ class LearnedPrunerModule(pl.LightningModule):
         saving them without gathering writes empty tensors; they are gathered here (a collective)
         and written by global rank 0 only.
         """
-        self.head.backbone = {**self.head.backbone, "name_or_path": self.hparams.backbone_ref}
+        self.head.backbone = {**self.head.backbone, "name_or_path": _portable(self.hparams.backbone_ref)}
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
         lora_params = [p for n, p in self.model.named_parameters() if "lora_" in n]
@@ -203,3 +203,16 @@ class LearnedPrunerModule(pl.LightningModule):
         if trainer is None or trainer.is_global_zero:
             save()
         return Path(directory)
+
+
+def _portable(name_or_path: str) -> str:
+    """A backbone reference fit for a shipped ``config.json``: local paths under the working
+    directory are written relative to it (``checkpoints/tiny-llava-shapes``), never as this
+    machine's absolute path; hub ids and other paths are kept as given."""
+    path = Path(str(name_or_path))
+    if path.is_absolute():
+        try:
+            return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return str(name_or_path)
+    return str(name_or_path)
