@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation.grid import run_grid
+from .evaluation.methods import check_spec
 from .evaluation.report import accuracy_vs_flops_plot, markdown_table
 from .pruners import PRUNERS
 
@@ -29,10 +30,9 @@ def head_folders(root: Path) -> list[str]:
 
 def resolve_methods(methods: list[str] | None, checkpoints: Path) -> list[str]:
     if methods:
-        unknown = [m for m in methods if m not in PRUNERS and not Path(m).is_dir()]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}: use registry names {sorted(PRUNERS)} or head folders")
-        return list(methods)
+        for m in methods:
+            check_spec(m)
+        return [str(m) for m in methods]
     return list(PRUNERS) + head_folders(checkpoints)
 
 

@@ -87,3 +87,25 @@ def test_grid_records_parse_resume_and_report(tmp_path):
     assert table.count("\n") == 2 + 7 and "fastervlm" in table
     png = accuracy_vs_flops_plot(again, tmp_path / "p.png")
     assert png.stat().st_size > 1000
+
+
+def test_method_specs_parse_and_reject_with_the_choices():
+    import pytest
+
+    from learned_prune.evaluation.methods import check_spec, parse_spec
+
+    assert parse_spec("fastv@layer=3,keep=0.5+random") == [("fastv", {"layer": 3, "keep": 0.5}), ("random", {})]
+    for bad, match in [("fastv@layer", "key=value"), ("nope+fastv", "unknown method 'nope'"),
+                       ("none+fastv", "cannot be composed"), ("+fastv", "empty name")]:
+        with pytest.raises(ValueError, match=match):
+            check_spec(bad)
+
+
+def test_grid_runs_specs_with_arguments_and_compositions(tmp_path):
+    records = _grid(tmp_path, ["fastv@layer=3", "divprune+fastv", "fastv@keep=8"], [16], repeats=0)
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method["fastv@layer=3"]["kept_tokens"]) == {"llm:3"}
+    composed = by_method["divprune+fastv"]["kept_tokens"]  # both parts get the grid's budget
+    assert composed["vision"] == 16 and composed["llm:2"] == 16
+    assert by_method["fastv@keep=8"]["keep"] == "adaptive"  # its own budget: one row, not one per keep
+    assert by_method["fastv@keep=8"]["kept_tokens"]["llm:2"] == 8

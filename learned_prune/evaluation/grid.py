@@ -18,18 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..pruners import load_pruner
-from ..pruners.heads import is_adaptive
 from .measure import TIMING_FIELDS, analytic_flops, count_selection_flops, time_prefill_and_generation
+from .methods import build_pruner, spec_is_adaptive
 from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
-
-
-def _pruner(method: str, keep: Any, options: dict[str, dict] | None = None):
-    kwargs = dict((options or {}).get(method, {}))
-    if method == "none" or keep == "adaptive":
-        return load_pruner(method, **kwargs)
-    return load_pruner(method, keep=keep, **kwargs)
 
 
 @torch.no_grad()
@@ -40,7 +32,7 @@ def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, k
 
     ``metric_factory`` builds the accuracy metric (default: ShapesVQA's exact match; ``data=vqa``
     gives each benchmark's official metric, scored against the batch's ``golds``)."""
-    pruner = _pruner(method, keep, options)
+    pruner = build_pruner(method, keep, options)
     select_flops = count_selection_flops(pruner)
     metric = metric_factory() if metric_factory is not None else AnswerAccuracy()
     kept_sum: dict[str, float] = defaultdict(float)
@@ -108,7 +100,7 @@ def run_grid(
     grid = [("none", "all")] if "none" in methods else []
     for m in methods:
         if m != "none":
-            grid += [(m, "adaptive")] if is_adaptive(m) else [(m, k) for k in keeps]
+            grid += [(m, "adaptive")] if spec_is_adaptive(m) else [(m, k) for k in keeps]
     todo = [(m, k) for m, k in grid if record_key({"method": m, "keep": k, "dataset": dataset}) not in done]
     bar = tqdm(todo, desc="eval grid", unit="run", initial=len(grid) - len(todo), total=len(grid))
     for method, keep in bar:
@@ -116,7 +108,7 @@ def run_grid(
         start = time.time()
         torch.manual_seed(0)
         result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options, metric_factory)
-        timing = (time_prefill_and_generation(model, _pruner(method, keep, options), timing_inputs, repeats, warmup,
+        timing = (time_prefill_and_generation(model, build_pruner(method, keep, options), timing_inputs, repeats, warmup,
                                               max_new_tokens) if repeats > 0 else dict.fromkeys(TIMING_FIELDS))
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
                   "seconds": round(time.time() - start, 1), "config": config or {}}

@@ -1,0 +1,63 @@
+"""Method specs of ``eval.py``: which pruner one grid row runs, with its arguments and compositions.
+
+A spec is a registry name or a head folder (``fastv``, ``checkpoints/atp-tiny``), optionally with
+constructor arguments after ``@`` (``checkpoints/dyvte-tiny@threshold=0.7``, ``fastv@layer=3,keep=32``;
+values are read as YAML), and several specs joined by ``+`` are composed, applied in order
+(``checkpoints/dyvte-tiny+fastv``, the pairing of the DyVTE paper). The grid's budget goes to every
+part that takes one; a spec whose parts all choose their own kept count is evaluated once, at its
+mean. Arguments given in the spec override those of ``configs/method/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..pruners import PRUNERS, Compose, load_pruner
+from ..pruners.heads import is_adaptive
+
+
+def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """``"a@k=v,k2=v2+b"`` -> ``[("a", {"k": v, "k2": v2}), ("b", {})]``."""
+    parts = []
+    for part in str(spec).split("+"):
+        name, _, args = part.partition("@")
+        name, kwargs = name.strip(), {}
+        if not name:
+            raise ValueError(f"method {spec!r}: empty name; write name, name@key=value or name+name")
+        for item in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"method {spec!r}: arguments are written name@key=value,key=value; got {item!r}")
+            kwargs[key.strip()] = yaml.safe_load(value)
+        parts.append((name, kwargs))
+    return parts
+
+
+def check_spec(spec: str) -> None:
+    """Raise with the valid choices if a part of ``spec`` is neither a registered pruner nor a head folder."""
+    for name, _ in parse_spec(spec):
+        if name not in PRUNERS and not Path(name).is_dir():
+            raise ValueError(f"unknown method {name!r} in {spec!r}: use registry names {sorted(PRUNERS)} or "
+                             "head folders (e.g. checkpoints/atp-tiny), optionally name@key=value and a+b")
+    if "+" in str(spec) and any(name == "none" for name, _ in parse_spec(spec)):
+        raise ValueError(f"method {spec!r}: `none` cannot be composed")
+
+
+def spec_is_adaptive(spec: str) -> bool:
+    """True when every part sets its own kept count (the grid runs it once, not per budget)."""
+    return all(is_adaptive(name) or "keep" in kwargs for name, kwargs in parse_spec(spec))
+
+
+def build_pruner(spec: str, keep: Any = "adaptive", options: dict[str, dict] | None = None) -> Any:
+    """The pruner of one grid row: ``keep`` (a count, a ratio, ``"adaptive"`` or ``"all"``) is given
+    to every part that takes a budget and was not given one in the spec."""
+    pruners = []
+    for name, kwargs in parse_spec(spec):
+        kw = {**(options or {}).get(name, {}), **kwargs}
+        if keep not in ("adaptive", "all") and name != "none" and not is_adaptive(name):
+            kw.setdefault("keep", keep)
+        pruners.append(load_pruner(name, **kw))
+    return pruners[0] if len(pruners) == 1 else Compose(pruners)
