@@ -53,3 +53,39 @@ def test_bavit_keeps_what_it_classifies_as_foreground():
             model(**batch)
     want = (p > 0.5).sum(1).clamp(min=1)
     assert engine.kept_tokens["vision"].tolist() == want.tolist()
+
+
+def test_label_margin_grows_the_mask_on_the_patch_grid():
+    from learned_prune.modules.bavit import grow_patch_mask
+
+    mask = torch.zeros(1, 25, dtype=torch.bool)
+    mask[0, 12] = True  # the centre of a 5 x 5 grid
+    grown = grow_patch_mask(mask, 1).view(5, 5)
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[1:4, 1:4] = True
+    assert torch.equal(grown, want)
+    assert torch.equal(grow_patch_mask(mask, 0), mask)
+    corner = torch.zeros(1, 25, dtype=torch.bool)
+    corner[0, 0] = True
+    assert grow_patch_mask(corner, 2).sum() == 9  # clipped at the grid's edge
+    with pytest.raises(ValueError, match="square patch grid"):
+        grow_patch_mask(torch.zeros(1, 24, dtype=torch.bool), 1)
+
+
+@torch.no_grad()
+def test_bavit_keeps_original_positions_and_equals_hf_on_the_kept_rows():
+    from helpers import record_selections, reference_logits
+
+    model, processor = tiny_llava("llava", seed=0)
+    head = BAViTHead(model.config.vision_config.hidden_size, keep=20).eval()
+    one = make_batch(processor, 1)
+    records = record_selections(head)
+    with head(model) as engine:
+        out = model(**one).logits
+    assert engine.kept_tokens["vision"].tolist() == [20]
+    torch.testing.assert_close(out, reference_logits(model, one, records, repack_vision=False), atol=2e-4, rtol=0)
+    repacked = BAViTHead(model.config.vision_config.hidden_size, keep=20, repack_positions=True).eval()
+    repacked.load_state_dict(head.state_dict())
+    with repacked(model):
+        out_repacked = model(**one).logits
+    assert not torch.allclose(out, out_repacked, atol=1e-3)  # positions matter: the default is not re-packing

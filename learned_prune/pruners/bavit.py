@@ -10,6 +10,11 @@ drops the background tokens before the frozen backbone. Here:
   the head tiny and tied to the backbone's tokenisation (the paper patchifies with its own stem);
 * tokens are dropped at the ``vision`` site, after the tower and before the projector (the engine
   has no site inside the tower), so the saving is in the LLM, where most of the prefill is;
+* kept tokens keep their original RoPE positions (``repack_positions=False``, unlike the vision
+  site's default of re-packing them): background dropping is spatial, and an LLM that only saw
+  whole images reads a foreground that keeps its place in the grid. On the embedded backbone,
+  keeping exactly the true foreground patches scores 74% with original positions and 52% re-packed
+  (validation split; ``docs/benchmarks.md``); ``repack_positions=True`` gives the re-packed variant;
 * inference keeps the tokens whose foreground probability exceeds ``threshold`` (an adaptive,
   per-image count; at least ``min_keep``), or with a budget ``keep`` the most probable ones.
 """
@@ -32,10 +37,9 @@ class BAViTHead(LearnedHead):
     method = "bavit"
     adaptive = True  # the threshold sets the kept count per image
     accepts_keep = True  # ... but a budget `keep` may replace it at inference
-    repack_positions = None  # the vision site's default (contiguous positions)
-
     def __init__(self, vision_hidden: int, width: int = 64, depth: int = 2, heads: int = 4,
-                 threshold: float = 0.5, min_keep: int = 1, keep: int | float | None = None) -> None:
+                 threshold: float = 0.5, min_keep: int = 1, keep: int | float | None = None,
+                 repack_positions: bool = False) -> None:
         super().__init__()
         if not 0 < threshold < 1:
             raise ValueError(f"BAViT threshold={threshold}: must lie in (0, 1)")
@@ -43,6 +47,7 @@ class BAViTHead(LearnedHead):
             raise ValueError(f"BAViT width={width} must be a multiple of heads={heads}")
         self.vision_hidden, self.width, self.depth, self.heads = vision_hidden, width, depth, heads
         self.threshold, self.min_keep, self.keep = threshold, min_keep, keep
+        self.repack_positions = repack_positions
         self.embed = nn.Linear(vision_hidden, width)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
@@ -51,7 +56,8 @@ class BAViTHead(LearnedHead):
 
     def hparams(self) -> dict[str, Any]:
         return dict(vision_hidden=self.vision_hidden, width=self.width, depth=self.depth, heads=self.heads,
-                    threshold=self.threshold, min_keep=self.min_keep, keep=self.keep)
+                    threshold=self.threshold, min_keep=self.min_keep, keep=self.keep,
+                    repack_positions=self.repack_positions)
 
     def forward(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """Foreground/background logits (B, N, 2) of patch embeddings (B, N, vision_hidden)."""
