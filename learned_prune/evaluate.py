@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation.grid import run_grid
-from .evaluation.methods import check_spec
+from .evaluation.methods import check_methods, check_spec
 from .evaluation.report import accuracy_vs_flops_plot, markdown_table
 from .pruners import PRUNERS
 
@@ -50,6 +50,10 @@ def method_options(config_dir: Path) -> dict[str, dict]:
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
+    methods = resolve_methods(cfg.methods, Path(cfg.paths.checkpoints_dir))
+    keeps = [float(k) if isinstance(k, float) else int(k) for k in cfg.keep]
+    options = method_options(Path(cfg.paths.root_dir) / "configs" / "method")
+    check_methods(methods, keeps, options)  # wrong arguments fail now, not after the methods before them
     model, processor = hydra.utils.instantiate(cfg.backbone)
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
     loader = datamodule.test_dataloader()
@@ -59,14 +63,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
     timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
                      "pixel_values": timing["pixel_values"]}
-    methods = resolve_methods(cfg.methods, Path(cfg.paths.checkpoints_dir))
-    keeps = [float(k) if isinstance(k, float) else int(k) for k in cfg.keep]
     out = Path(cfg.paths.output_dir)
     records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
                        warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,
                        metric_factory=getattr(datamodule, "metric", None),
-                       options=method_options(Path(cfg.paths.root_dir) / "configs" / "method"))
+                       options=options)
     records = [r for r in records if r["dataset"] == dataset]
     table = markdown_table(records)
     (out / "results.md").write_text(table)

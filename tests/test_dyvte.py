@@ -78,6 +78,29 @@ def test_labels_exit_only_where_the_answer_survives_without_the_image(tmp_path):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("layer", [1, 4, 7])
+def test_exit_logits_from_the_full_run_equal_the_engine_run(layer):
+    from learned_prune.modules.dyvte import logits_without_visual_from
+
+    model, processor = tiny_llava("llava", seed=0)
+    batch = make_batch(processor, 3)  # left-padded: the prompts differ in length
+    assert not batch["attention_mask"].bool().all()
+    full = model(**batch, output_hidden_states=True, use_cache=False)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    valid = batch["attention_mask"].bool()
+    fast, rows, rows_valid = logits_without_visual_from(model, full.hidden_states[layer], layer, ~is_image, valid)
+    with VisualExit(layer)(model) as engine:
+        slow = model(**batch, use_cache=False).logits
+    for b in range(3):  # compare the real rows, matched by their input position
+        ok = rows_valid[b]
+        want = {int(r): slow[b, j] for j, r in enumerate(engine.output_index[b]) if engine.output_valid[b, j]}
+        got = {int(r): fast[b, j] for j, r in enumerate(rows[b]) if ok[j]}
+        assert set(got) == set(want) == set((~is_image[b] & valid[b]).nonzero()[:, 0].tolist())
+        for r in got:
+            torch.testing.assert_close(got[r], want[r], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_router_features_match_between_training_and_inference():
     model, processor = tiny_llava("llava", text_layers=8, seed=0)
     head = _head(model, None)

@@ -99,6 +99,11 @@ def test_method_specs_parse_and_reject_with_the_choices():
                        ("none+fastv", "cannot be composed"), ("+fastv", "empty name")]:
         with pytest.raises(ValueError, match=match):
             check_spec(bad)
+    from learned_prune.evaluation.methods import check_methods
+
+    check_methods(["none", "fastv@layer=3", "random@repack_positions=false+fastv"], [16])
+    with pytest.raises(TypeError, match=r"random: .*unexpected keyword argument 'bogus'.*valid arguments"):
+        check_methods(["fastv", "random@bogus=1"], [16])  # before anything runs, not after fastv
 
 
 def test_grid_runs_specs_with_arguments_and_compositions(tmp_path):

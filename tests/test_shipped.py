@@ -46,7 +46,10 @@ def test_shipped_heads_prune_the_shipped_backbone(folder, backbone):
         answers = greedy_answers(model, processor, batch)
     assert len(answers) == len(batch["answers"]) and all(a.strip() for a in answers)
     last = engine.kept_tokens[list(engine.kept_tokens)[-1]]
-    assert (last >= 0).all() and (last < n).all(), "a shipped head should prune at its default"
     method = json.loads((folder / "config.json").read_text())["method"]
+    pruned = last < n
+    # DyVTE exits per sample (some questions need the image to the last layer); the others prune every sample
+    assert (last >= 0).all() and (pruned.any() if method == "dyvte" else pruned.all()), \
+        "a shipped head should prune at its default"
     if method == "lvpruning":
         assert last.tolist() == [round(n * 0.11)] * len(answers)

@@ -61,3 +61,11 @@ def build_pruner(spec: str, keep: Any = "adaptive", options: dict[str, dict] | N
             kw.setdefault("keep", keep)
         pruners.append(load_pruner(name, **kw))
     return pruners[0] if len(pruners) == 1 else Compose(pruners)
+
+
+def check_methods(specs: list[str], keeps: list[Any], options: dict[str, dict] | None = None) -> None:
+    """Build every spec's pruner once, at the first budget, so that a wrong argument fails before the grid
+    runs (and not after the methods before it), with the constructor's message and valid arguments."""
+    for spec in specs:
+        check_spec(spec)
+        build_pruner(spec, keeps[0] if keeps and not spec_is_adaptive(spec) else "adaptive", options)

@@ -18,10 +18,7 @@ distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exit
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..engine import Engine
+from ..engine.adapter import LlavaAdapter
+from ..engine.sequence import build_mask, compact_index
 from ..evaluation.flops import llm_layer_flops
 from ..evaluation.vqa import AnswerAccuracy
-from ..pruners.dyvte import DyVTEHead, VisualExit, router_features
+from ..pruners.dyvte import DyVTEHead, router_features
 from .learned import LearnedPrunerModule
 
 
@@ -45,26 +43,26 @@ def answer_loss_and_predictions(logits: torch.Tensor, labels: torch.Tensor) -> t
     return loss, shift_logits.argmax(-1)
 
 
-@contextlib.contextmanager
-def vision_tower_once(model: nn.Module) -> Iterator[None]:
-    """Inside the block the frozen vision tower encodes each ``pixel_values`` tensor once: the
-    labelling runs (A, then one B per layer) all see the same images, so the later runs reuse the
-    first one's output instead of re-running the tower (about 45% of a run on the embedded backbone)."""
-    tower = model.model.vision_tower
-    cache: dict[tuple, tuple[torch.Tensor, Any]] = {}
-
-    def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        key = (id(pixel_values), args, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-        if key not in cache:  # the tensor is kept alive with its output, so its id is not reused
-            cache[key] = (pixel_values, type(tower).forward(tower, pixel_values, *args, **kwargs))
-        return copy.copy(cache[key][1])  # callers set fields on the output; keep the cached one intact
-
-    tower.forward = forward
-    try:
-        yield
-    finally:
-        tower.__dict__.pop("forward", None)
-        cache.clear()
+@torch.no_grad()
+def logits_without_visual_from(model: nn.Module, hidden: torch.Tensor, layer: int, keep: torch.Tensor,
+                               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of the run that removes the visual tokens from decoder layer ``layer`` on (``VisualExit(layer)``),
+    computed from that layer's input states ``hidden`` (B, L, D) of the full run: layers before ``layer``
+    are the same in both runs, so only the text rows (``keep`` (B, L)) go through layers ``layer..L-1``,
+    at their original positions. Returns the logits (B, L', V), each slot's row in the input (B, L') and
+    which slots hold a real row (B, L'; the others are left padding).
+    """
+    lm = LlavaAdapter(model).lm
+    index, slot_valid = compact_index(keep & valid)
+    rows_valid = slot_valid & torch.gather(valid, 1, index)
+    h = torch.gather(hidden, 1, index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1]))
+    pos = index  # a row's position is its index in the full sequence, as in the plain forward and the engine
+    mask = build_mask(rows_valid, None, h.shape[1], h.dtype)
+    rope = lm.rotary_emb(h, pos)
+    for block in lm.layers[layer:]:
+        h = block(h, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,
+                  position_embeddings=rope)
+    return model.lm_head(lm.norm(h)), index, rows_valid
 
 
 class DyVTEModule(LearnedPrunerModule):
@@ -96,11 +94,12 @@ class DyVTEModule(LearnedPrunerModule):
 
     @torch.no_grad()
     def make_labels(self, batch: dict, layers: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Router features and exit labels per layer, from the frozen model run with and without visual tokens."""
-        with vision_tower_once(self.model):
-            return self._make_labels(batch, layers)
+        """Router features and exit labels per layer, from the frozen model run with and without visual tokens.
 
-    def _make_labels(self, batch: dict, layers: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        One full forward (A) gives every layer's input states; each exit run B_l re-uses A's states at
+        layer l and runs only the text rows through the remaining layers
+        (:func:`logits_without_visual_from`, equal to running A under ``VisualExit(l)``).
+        """
         inputs, labels = self._inputs(batch), batch["labels"]
         full = self.model(**inputs, output_hidden_states=True, use_cache=False)
         loss_a, pred_a = answer_loss_and_predictions(full.logits, labels)
@@ -113,11 +112,10 @@ class DyVTEModule(LearnedPrunerModule):
         feats, targets = {}, {}
         for layer in layers:
             feats[layer] = router_features(full.hidden_states[layer].detach(), instruction, prompt)
-            with Engine(self.model, [VisualExit(layer)], mode="hard") as engine:
-                out = self.model(**inputs, use_cache=False)
-            rows = engine.output_index
-            lab = torch.gather(labels, 1, rows)
-            loss_b, pred_b = answer_loss_and_predictions(out.logits, lab)
+            logits_b, rows, rows_valid = logits_without_visual_from(self.model, full.hidden_states[layer], layer,
+                                                                    ~is_image, valid)
+            lab = torch.gather(labels, 1, rows).masked_fill(~rows_valid, -100)
+            loss_b, pred_b = answer_loss_and_predictions(logits_b, lab)
             pred_a_rows = torch.gather(pred_a, 1, rows[:, :-1])
             answer = lab[:, 1:] != -100
             agree = ((pred_a_rows == pred_b) | ~answer).all(1)
