@@ -3,8 +3,9 @@
 Each training step (as the official ``finetune_visual_gate`` recipe, several layers at once):
 
 1. run the frozen model on the teacher-forced batch (A) and read every layer's input states;
-2. for each sampled layer l, run it again with all visual tokens removed from layer l on (B_l,
-   :class:`~learned_prune.pruners.dyvte.VisualExit`);
+2. for each sampled layer l, the run B_l with all visual tokens removed from layer l on
+   (:class:`~learned_prune.pruners.dyvte.VisualExit`): layers before l are A's, so B_l starts from
+   A's states at layer l and runs only the text rows through layers l..L-1;
 3. label a sample *exit at l* when B_l's greedy answer tokens all agree with A's and its answer loss
    is within the margin: ``loss_B <= (1 + rel_margin) * loss_A + margin`` (the official code uses
    ``1.03 * loss_A`` alone; on a small, confident model both losses are near 0 and a purely relative
