@@ -38,7 +38,7 @@ def test_dyvte_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     parts = fit_frozen(tmp_path, [*DYVTE, "trainer.max_steps=3", "test=false"], "dyvte-head")
     module, trainer = parts["module"], parts["trainer"]
     metrics = trainer.callback_metrics
-    assert {"train/router_acc", "val/acc", "val/llm_flops_saved", "val/exit_layer_mean"} <= set(metrics)
+    assert {"train/router_acc", "val/router_acc", "val/acc", "val/llm_flops_saved", "val/exit_layer_mean"} <= set(metrics)
     assert 0 <= float(metrics["val/llm_flops_saved"]) < 1
     head = load_pruner(str(tmp_path / "dyvte-head"))
     assert isinstance(head, DyVTEHead)

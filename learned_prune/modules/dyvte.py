@@ -124,19 +124,34 @@ class DyVTEModule(LearnedPrunerModule):
             targets[layer] = (agree & close).long()
         return feats, targets
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        feats, targets = self.make_labels(batch, self.label_layers())
+    def router_loss(self, batch: dict, layers: list[int], stage: str) -> torch.Tensor:
+        """Cross-entropy of the routers against the labels the frozen model makes for ``batch``; logs the
+        routers' accuracy and each layer's exit-label rate under ``stage``."""
+        feats, targets = self.make_labels(batch, layers)
         losses, correct = [], []
         bs = batch["labels"].shape[0]
         for layer, x in feats.items():
             logits = self.head.exit_logits(layer, x)
             losses.append(F.cross_entropy(logits, targets[layer]))
             correct.append((logits.argmax(-1) == targets[layer]).float().mean())
-            self.log(f"train/label_exit/llm:{layer}", targets[layer].float().mean(), batch_size=bs)
+            self.log(f"{stage}/label_exit/llm:{layer}", targets[layer].float().mean(), batch_size=bs)
         loss = torch.stack(losses).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/router_acc", torch.stack(correct).mean(), prog_bar=True, batch_size=bs)
+        self.log(f"{stage}/router_loss", loss, prog_bar=stage == "train", batch_size=bs)
+        self.log(f"{stage}/router_acc", torch.stack(correct).mean(), prog_bar=True, batch_size=bs)
         return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.router_loss(batch, self.label_layers(), "train")
+        self.log("train/loss", loss, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Answers with the head pruning (accuracy, exits, FLOPs saved) and the routers' accuracy against
+        validation labels at every layer: the checkpoint metric of ``module=dyvte`` (``val/router_acc``),
+        which does not depend on the inference threshold."""
+        super().validation_step(batch, batch_idx)
+        with torch.no_grad():
+            self.router_loss(batch, list(range(self.head.min_layer, self.head.num_layers)), "val")
 
     def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
         super()._eval_step(batch, acc, kept, stage)
