@@ -6,8 +6,9 @@ the per-patch masks the data provides (``patch_mask``: ShapesVQA's, or COCO boxe
 leaves open (it derives labels from masks or boxes): patches that touch an object carry its edge,
 and on the embedded backbone keeping the true foreground alone answers 74% of the validation
 questions where the foreground plus a one-patch border answers 89% (unpruned: 90%), so the
-default ``margin=1`` labels that border as foreground; ``margin=0`` trains on the masks as given. Validation reports token accuracy and foreground F1 (torchmetrics) and, on VQA
-data, also runs the head as a pruner (hard mode, greedy answers, kept tokens, from the base module).
+default ``margin=1`` labels that border as foreground; ``margin=0`` trains on the masks as given.
+Validation reports token accuracy and foreground F1 (torchmetrics) and, on VQA data, also runs the
+head as a pruner (hard mode, greedy answers, kept tokens, from the base module).
 """
 
 from __future__ import annotations

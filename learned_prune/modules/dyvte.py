@@ -54,8 +54,7 @@ def logits_without_visual_from(model: nn.Module, hidden: torch.Tensor, layer: in
     which slots hold a real row (B, L'; the others are left padding).
     """
     lm = LlavaAdapter(model).lm
-    index, slot_valid = compact_index(keep & valid)
-    rows_valid = slot_valid & torch.gather(valid, 1, index)
+    index, rows_valid = compact_index(keep & valid)  # padding rows are dropped too; slots left of them are empty
     h = torch.gather(hidden, 1, index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1]))
     pos = index  # a row's position is its index in the full sequence, as in the plain forward and the engine
     mask = build_mask(rows_valid, None, h.shape[1], h.dtype)
