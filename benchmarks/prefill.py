@@ -3,7 +3,8 @@
 The model has LLaVA-1.5-7B's widths (Llama hidden 4096, MLP 11008, 32 heads; CLIP ViT-L/14-336
 tower) with random weights and, by default, 4 of the 32 decoder layers and 3 of the 24 vision
 layers so that it fits a CPU. Input: 35 system tokens + 576 image tokens + 40 instruction tokens.
-For each method: the median prefill time over ``--repeats`` runs after ``--warmup`` runs, the
+For each method: the median prefill time over ``--repeats`` runs after ``--warmup`` runs (in rounds
+that run every method once, so that drifts of the machine's speed reach all methods alike), the
 measured speedup over ``none`` (the same engine, no pruning), the FLOPs-ideal speedup (analytic
 prefill FLOPs of ``none`` / of the method, vision tower and projector included, from the kept
 counts the engine reports), and the time spent in the pruner's own ``select()``.
@@ -75,45 +76,66 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, inputs: dict, name: str, a: argparse.Namespace) -> dict:
-    pruner = load_pruner("none") if name == "none" else load_pruner(name, keep=a.keep)
-    spent: list[float] = []
-    if name != "none":
-        original = pruner.select
+class Timed:
+    """One method's pruner with its own ``select()`` timed (this instance only)."""
 
-        def timed_select(state):
-            _sync(a.device)
-            t = time.perf_counter()
-            out = original(state)
-            _sync(a.device)
-            spent.append(time.perf_counter() - t)
-            return out
+    def __init__(self, name: str, a: argparse.Namespace) -> None:
+        self.name, self.device = name, a.device
+        self.pruner = load_pruner("none") if name == "none" else load_pruner(name, keep=a.keep)
+        self.spent: list[float] = []
+        self.times: list[float] = []
+        self.selection: list[float] = []
+        self.kept: dict[str, int] = {}
+        if name != "none":
+            original = self.pruner.select
 
-        pruner.select = timed_select  # this instance only
-    times, selection = [], []
-    with torch.inference_mode(), pruner(model) as engine:
-        for i in range(a.warmup + a.repeats):
-            spent.clear()
-            _sync(a.device)
+            def timed_select(state):
+                _sync(self.device)
+                t = time.perf_counter()
+                out = original(state)
+                _sync(self.device)
+                self.spent.append(time.perf_counter() - t)
+                return out
+
+            self.pruner.select = timed_select
+
+    def run(self, model, inputs: dict, record: bool) -> None:
+        """One prefill as ``generate()`` runs it (logits for the last token only), timed when ``record``."""
+        self.spent.clear()
+        with torch.inference_mode(), self.pruner(model) as engine:
+            _sync(self.device)
             t = time.perf_counter()
-            model(**inputs, use_cache=False, logits_to_keep=1)  # as generate() does
-            _sync(a.device)
-            if i >= a.warmup:
-                times.append((time.perf_counter() - t) * 1000)
-                selection.append(sum(spent) * 1000)
-        kept = {s: int(v[0]) for s, v in engine.kept_tokens.items()}
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            _sync(self.device)
+            elapsed = time.perf_counter() - t
+            self.kept = {s: int(v[0]) for s, v in engine.kept_tokens.items()}
+        if record:
+            self.times.append(elapsed * 1000)
+            self.selection.append(sum(self.spent) * 1000)
+
+
+def measure(model, inputs: dict, methods: list[str], a: argparse.Namespace) -> list[dict]:
+    """Round-robin timing: each round runs every method once, so slow drifts of the machine's speed
+    reach every method alike instead of whichever happened to run during them."""
+    timed = [Timed(m, a) for m in methods]
+    for i in range(a.warmup + a.repeats):
+        for t in timed:
+            t.run(model, inputs, record=i >= a.warmup)
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_img
     tc, vc = model.config.text_config, model.config.vision_config
-    flops = prefill_flops(
-        n_text, n_img, {parse_site(s, tc.num_hidden_layers): k for s, k in kept.items()},
-        num_layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
-        vision_layers=vc.num_hidden_layers, vision_hidden=vc.hidden_size, vision_intermediate=vc.intermediate_size,
-        vision_tokens=n_img + 1,
-    )
-    return {"method": name, "keep": None if name == "none" else a.keep, "kept_tokens": kept,
-            "prefill_ms": statistics.median(times), "prefill_ms_all": times,
-            "selection_ms": statistics.median(selection), "prefill_tflops": flops.total / 1e12}
+    records = []
+    for t in timed:
+        flops = prefill_flops(
+            n_text, n_img, {parse_site(s, tc.num_hidden_layers): k for s, k in t.kept.items()},
+            num_layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
+            vision_layers=vc.num_hidden_layers, vision_hidden=vc.hidden_size,
+            vision_intermediate=vc.intermediate_size, vision_tokens=n_img + 1,
+        )
+        records.append({"method": t.name, "keep": None if t.name == "none" else a.keep, "kept_tokens": t.kept,
+                        "prefill_ms": statistics.median(t.times), "prefill_ms_all": t.times,
+                        "selection_ms": statistics.median(t.selection), "prefill_tflops": flops.total / 1e12})
+    return records
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -152,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = (f"LLaVA-1.5-7B-shaped: {a.layers} decoder layers of hidden {a.hidden}, {a.vision_layers} vision layers, "
              f"{inputs['input_ids'].shape[1]} tokens, {a.dtype} on {a.device}")
     print(f"# machine: {machine}\n# model: {shape}\n")
-    records = [measure(model, inputs, m, a) for m in methods]
+    records = measure(model, inputs, methods, a)
     base = records[0]
     for r in records:
         r["speedup"] = base["prefill_ms"] / r["prefill_ms"]
