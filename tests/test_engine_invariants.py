@@ -178,3 +178,21 @@ def test_per_sample_keep_counts_in_one_batch(tiny, site):
         with Fixed(site)(model):
             g1 = model.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert torch.equal(g1[0, -3:], gen[i, -3:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["random", "fastervlm", "divprune", "vtc_cls"])
+def test_vision_site_keeps_original_positions_when_asked(name):
+    """``repack_positions=False`` at the vision site = plain HF layers on the kept rows at their original positions."""
+    from learned_prune import tiny_llava
+
+    model, processor = tiny_llava("llava", seed=0)
+    one = make_batch(processor, 1)
+    pruner = load_pruner(name, keep=12, repack_positions=False)
+    records = record_selections(pruner)
+    with pruner(model):
+        out = model(**one).logits
+    torch.testing.assert_close(out, reference_logits(model, one, records, repack_vision=False), atol=ATOL, rtol=0)
+    with load_pruner(name, keep=12)(model):
+        repacked = model(**one).logits
+    assert not torch.allclose(out, repacked, atol=1e-3)

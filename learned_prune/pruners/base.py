@@ -12,7 +12,7 @@ A pruner is used as a context manager over an HF LLaVA model (the kvpress idiom)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -89,9 +89,15 @@ class PrunerBase:
 
 @dataclass
 class Pruner(PrunerBase):
-    """Base dataclass of training-free pruners: a budget and one ``score`` or ``select``."""
+    """Base dataclass of training-free pruners: a budget and one ``score`` or ``select``.
+
+    ``repack_positions`` (keyword-only, every method) overrides the site's position rule, e.g.
+    ``load_pruner("fastervlm", keep=32, repack_positions=False)`` keeps the kept image tokens at their
+    original RoPE positions instead of re-packing them as the official vision-site code does.
+    """
 
     keep: int | float = 64
+    repack_positions: bool | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         validate_keep(self.keep)

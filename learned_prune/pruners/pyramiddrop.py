@@ -5,7 +5,7 @@ Code Cooperx521/PyramidDrop (`--layer_list [8,16,24] --image_token_ratio_list [0
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +40,7 @@ class PyramidDrop(Pruner):
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
     score_layer: str = "previous"
-    repack_positions: bool | None = True
+    repack_positions: bool | None = field(default=True, kw_only=True)
 
     def _boundaries(self, adapter) -> list[int]:
         return list(self.layers) if self.layers else stage_layers(adapter.num_layers)

@@ -37,7 +37,6 @@ class RandomPruner(Pruner):
 
     site: str = "vision"
     seed: int = 0
-    repack_positions: bool | None = None
 
     def score(self, state: PruneState) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -6,7 +6,7 @@ Code liaolea/TransPrune (``--accmulating_layer_list [7..12] --pruning_layer_list
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class TransPrune(Pruner):
     layers: tuple[int, ...] = (7, 9, 12)
     ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
     score_layer: str = "previous"
-    repack_positions: bool | None = True
+    repack_positions: bool | None = field(default=True, kw_only=True)
 
     def _layers(self, adapter) -> list[int]:
         return scale_layers(adapter.num_layers, self.layers)
