@@ -184,3 +184,31 @@ def test_dyvte_composes_with_fastv():
         model(**batch)
     assert engine.kept_tokens["llm:2"].tolist() == [10, 10]
     assert engine.kept_tokens["llm:5"].tolist() == [0, 0]
+
+
+class _ConstantExit(DyVTEHead):
+    """Every router says exit with probability 0.8: which layer exits is decided by the thresholds alone."""
+
+    def exit_logits(self, layer, features):
+        p = torch.tensor([0.2, 0.8])
+        return p.log().expand(features.shape[0], 2)
+
+
+@torch.no_grad()
+def test_per_layer_thresholds_pick_the_exit_layer_and_round_trip(tmp_path):
+    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    batch = make_batch(processor, 2)
+    tc = model.config.text_config
+    for threshold, exit_at in ((0.7, 1), (0.9, 8), ([0.9, 0.9, 0.7, 0.9, 0.9, 0.9, 0.9], 3)):
+        head = _ConstantExit(tc.hidden_size, 8, threshold=threshold).eval()
+        with head(model):
+            model(**batch)
+        assert head.exit_layer.tolist() == [exit_at, exit_at]
+    head = DyVTEHead(tc.hidden_size, 8, threshold=[0.9, 0.9, 0.7, 0.9, 0.9, 0.9, 0.9])
+    head.save_pretrained(tmp_path / "h")
+    assert load_pruner(str(tmp_path / "h")).threshold == [0.9, 0.9, 0.7, 0.9, 0.9, 0.9, 0.9]
+    assert load_pruner(str(tmp_path / "h"), threshold=0.6).threshold == 0.6
+    with pytest.raises(ValueError, match="one per router site llm:1..llm:7"):
+        DyVTEHead(tc.hidden_size, 8, threshold=[0.5, 0.5])
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\), got \[1.5\]"):
+        DyVTEHead(tc.hidden_size, 8, threshold=[0.5] * 6 + [1.5])

@@ -95,6 +95,8 @@ def test_method_specs_parse_and_reject_with_the_choices():
     from learned_prune.evaluation.methods import check_spec, parse_spec
 
     assert parse_spec("fastv@layer=3,keep=0.5+random") == [("fastv", {"layer": 3, "keep": 0.5}), ("random", {})]
+    assert parse_spec("h@threshold=[0.6,0.7],min_layer=2+fastv") == [("h", {"threshold": [0.6, 0.7], "min_layer": 2}),
+                                                                     ("fastv", {})]
     for bad, match in [("fastv@layer", "key=value"), ("nope+fastv", "unknown method 'nope'"),
                        ("none+fastv", "cannot be composed"), ("+fastv", "empty name")]:
         with pytest.raises(ValueError, match=match):

@@ -2,7 +2,7 @@
 
 A spec is a registry name or a head folder (``fastv``, ``checkpoints/atp-tiny``), optionally with
 constructor arguments after ``@`` (``checkpoints/dyvte-tiny@threshold=0.7``, ``fastv@layer=3,keep=32``;
-values are read as YAML), and several specs joined by ``+`` are composed, applied in order
+values are read as YAML, so lists work: ``checkpoints/dyvte-tiny@threshold=[0.6,0.7,0.9,0.9,0.9,0.9,0.8]``), and several specs joined by ``+`` are composed, applied in order
 (``checkpoints/dyvte-tiny+fastv``, the pairing of the DyVTE paper). The grid's budget goes to every
 part that takes one; a spec whose parts all choose their own kept count is evaluated once, at its
 mean. Arguments given in the spec override those of ``configs/method/<name>.yaml``.
@@ -19,6 +19,18 @@ from ..pruners import PRUNERS, Compose, load_pruner
 from ..pruners.heads import is_adaptive
 
 
+def _split_arguments(args: str) -> list[str]:
+    """Split ``k=v,k2=[a,b]`` at the commas outside brackets (YAML lists and mappings keep theirs)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(args):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(args[start:i])
+            start = i + 1
+    return items + [args[start:]]
+
+
 def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """``"a@k=v,k2=v2+b"`` -> ``[("a", {"k": v, "k2": v2}), ("b", {})]``."""
     parts = []
@@ -27,7 +39,7 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
         name, kwargs = name.strip(), {}
         if not name:
             raise ValueError(f"method {spec!r}: empty name; write name, name@key=value or name+name")
-        for item in filter(None, (a.strip() for a in args.split(","))):
+        for item in filter(None, (a.strip() for a in _split_arguments(args))):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"method {spec!r}: arguments are written name@key=value,key=value; got {item!r}")

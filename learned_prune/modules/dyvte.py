@@ -73,7 +73,7 @@ class DyVTEModule(LearnedPrunerModule):
         model: nn.Module,
         processor: Any = None,
         width: int | None = None,
-        threshold: float = 0.5,
+        threshold: float | list[float] = 0.5,
         min_layer: int = 1,
         layers_per_step: int | None = None,
         margin: float = 0.05,

@@ -14,13 +14,15 @@ softmax); routers are trained as classifiers on labels the frozen model makes it
 ``llm:1 .. llm:L-1`` (the official code also evaluates one after the last layer, where an exit
 saves nothing); ``width`` defaults to 2C rather than a fixed 2048, which would dwarf a small LLM;
 the batch need not be one sample (each sample exits on its own); ``min_layer`` can forbid early
-exits. :class:`VisualExit` (all visual tokens removed from a fixed layer on) makes the training
+exits; ``threshold`` may be one value per router (an early exit saves more and costs more, so the
+trade-off need not be the same at every layer; the shipped head's values are chosen on validation). :class:`VisualExit` (all visual tokens removed from a fixed layer on) makes the training
 labels and is a baseline of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,6 +62,21 @@ class Router(nn.Module):
         return self.w2(nn.functional.gelu(self.w1(x)))
 
 
+def _check_threshold(threshold: float | Sequence[float], num_layers: int) -> float | list[float]:
+    """One exit-probability threshold for every router (a float) or one per site ``llm:1 .. llm:L-1`` (a list)."""
+    if isinstance(threshold, (int, float)):
+        values, out = [float(threshold)], float(threshold)
+    else:
+        values = out = [float(t) for t in threshold]
+        if len(values) != num_layers - 1:
+            raise ValueError(f"DyVTE threshold={values}: give one float, or one per router site llm:1..llm:{num_layers - 1} "
+                             f"({num_layers - 1} values), got {len(values)}")
+    bad = [t for t in values if not 0 < t < 1]
+    if bad:
+        raise ValueError(f"DyVTE threshold={threshold}: exit probability thresholds must lie in (0, 1), got {bad}")
+    return out
+
+
 def _drop_visual(state: PruneState, drop: torch.Tensor) -> Selection:
     """Keep every visual token of the samples where ``drop`` (B,) is False and none where it is True."""
     valid = state.visual_valid
@@ -78,16 +95,14 @@ class DyVTEHead(LearnedHead):
     sized_for_llm = True
     adaptive = True  # the exit layer, hence the compute, varies per instance
 
-    def __init__(self, hidden_size: int, num_layers: int, width: int | None = None, threshold: float = 0.5,
-                 min_layer: int = 1) -> None:
+    def __init__(self, hidden_size: int, num_layers: int, width: int | None = None,
+                 threshold: float | Sequence[float] = 0.5, min_layer: int = 1) -> None:
         super().__init__()
-        if not 0 < threshold < 1:
-            raise ValueError(f"DyVTE threshold={threshold}: the exit probability threshold must lie in (0, 1)")
         if not 1 <= min_layer < num_layers:
             raise ValueError(f"DyVTE min_layer={min_layer}: needs 1 <= min_layer < {num_layers}")
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.width = width or 2 * hidden_size
-        self.threshold, self.min_layer = threshold, min_layer
+        self.threshold, self.min_layer = _check_threshold(threshold, num_layers), min_layer
         self.routers = nn.ModuleDict({str(k): Router(hidden_size, self.width) for k in range(1, num_layers)})
         self.exit_layer: torch.Tensor | None = None  # (B,) of the last forward; num_layers = no exit
 
@@ -97,6 +112,10 @@ class DyVTEHead(LearnedHead):
 
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in range(self.min_layer, self.num_layers)]
+
+    def layer_threshold(self, layer: int) -> float:
+        """The exit-probability threshold of the router at site ``llm:layer``."""
+        return self.threshold if isinstance(self.threshold, float) else self.threshold[layer - 1]
 
     def exit_logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(B, 2) stay/exit logits of the router at site ``llm:layer``."""
@@ -110,7 +129,7 @@ class DyVTEHead(LearnedHead):
         feats = router_features(state.hidden.detach(), state.instruction_mask, seq.prompt_valid)
         p_exit = self.exit_logits(state.layer, feats).softmax(-1)[:, 1]
         has_visual = state.n_visual > 0
-        exit_now = (p_exit > self.threshold) & has_visual
+        exit_now = (p_exit > self.layer_threshold(state.layer)) & has_visual
         self.exit_layer = torch.where(exit_now, torch.full_like(self.exit_layer, state.layer), self.exit_layer)
         return _drop_visual(state, exit_now)
 
