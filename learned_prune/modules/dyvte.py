@@ -76,11 +76,16 @@ class DyVTEModule(LearnedPrunerModule):
         threshold: float | list[float] = 0.5,
         min_layer: int = 1,
         layers_per_step: int | None = None,
-        margin: float = 0.05,
+        margin: float = 0.2,
         rel_margin: float = 0.03,
         **kwargs: Any,
     ) -> None:
         tc = model.config.text_config
+        if not isinstance(threshold, (int, float)) and len(threshold) != tc.num_hidden_layers - 1:
+            raise ValueError(f"module.threshold has {len(threshold)} values, one per router of the backbone they were "
+                             f"chosen for; this backbone has {tc.num_hidden_layers - 1} routers (llm:1..llm:"
+                             f"{tc.num_hidden_layers - 1}): set module.threshold=0.5 (one value for all) or give "
+                             f"{tc.num_hidden_layers - 1} values")
         head = DyVTEHead(tc.hidden_size, tc.num_hidden_layers, width=width, threshold=threshold, min_layer=min_layer)
         kwargs.setdefault("distill_weight", 0.0)
         kwargs.setdefault("budget_weight", 0.0)
