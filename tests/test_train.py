@@ -41,3 +41,32 @@ def test_seeded_runs_are_reproducible(tmp_path):
     a = train(_cfg(tmp_path / "a", "trainer.max_steps=2", "optimized_metric=train/loss"))
     b = train(_cfg(tmp_path / "b", "trainer.max_steps=2", "optimized_metric=train/loss"))
     assert a is not None and a == b
+
+
+def test_position_jitter_moves_the_question_and_never_overlaps_the_image():
+    from learned_prune import tiny_llava
+    from learned_prune.modules import BackboneModule
+
+    model, processor = tiny_llava("llava", seed=0)
+    image = model.config.image_token_id
+    n = 6
+    ids = torch.tensor([[1, 2] + [image] * n + [7, 8, 9]] * 64)
+    module = BackboneModule(model, processor, position_jitter=4, sincos_positions=False).train()
+    torch.manual_seed(0)
+    pos = module._positions({"input_ids": ids})
+    assert torch.equal(pos[:, :2], torch.tensor([[0, 1]] * 64))  # before the image: unchanged
+    gaps = pos[:, -3:] - torch.arange(8, 11)
+    assert (gaps == gaps[:, :1]).all() and set(gaps[:, 0].tolist()) == set(range(-4, 5))  # the question moves as one
+    img = pos[:, 2:2 + n]
+    assert (img[:, 1:] >= img[:, :-1]).all() and (img[:, 0] == 2).all()  # the image compresses, in order
+    assert (pos[:, 2 + n] > img[:, -1]).all()  # and never reaches the question's positions
+    for row, g in zip(pos, gaps[:, 0].tolist()):
+        assert int(row[2 + n - 1]) == 2 + n - 1 + min(g, 0)  # re-packing |g| of n tokens ends the image there
+    assert module.eval()._positions({"input_ids": ids}) is None  # evaluation sees the plain positions
+    assert BackboneModule(model, processor, sincos_positions=False).train()._positions({"input_ids": ids}) is None
+
+
+def test_backbone_trains_with_position_jitter(tmp_path):
+    loss = train(_cfg(tmp_path, "module.position_jitter=8", "trainer.max_steps=2", "module.tower_steps=1",
+                      "optimized_metric=train/loss"))
+    assert loss is not None and torch.isfinite(torch.tensor(loss))

@@ -65,6 +65,7 @@ class BackboneModule(pl.LightningModule):
         tower_lr: float = 3e-3,
         tower_lr_scale: float = 0.2,
         sincos_positions: bool = True,
+        position_jitter: int = 0,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -87,7 +88,30 @@ class BackboneModule(pl.LightningModule):
         self.model.train()  # backbones are built in eval mode; here every part is trained
 
     # ---- steps -----------------------------------------------------------------------------
-    def _grounding_loss(self, hidden_states: tuple, batch: dict) -> torch.Tensor:
+    def _positions(self, batch: dict) -> torch.Tensor | None:
+        """Training position ids with the image-question distance jittered (``position_jitter``), else None.
+
+        Each sample draws a gap g in [-J, J]: the tokens after the image move by g. A negative g also
+        compresses the image's positions evenly into n - |g| slots (visual token j moves by
+        -ceil(j |g| / n)), as re-packing does after dropping |g| of n tokens spread over the image,
+        so the image and the question never share a position. Without it a from-scratch backbone learns the one distance it always sees
+        (``benchmarks/position_gap.py``).
+        """
+        J = self.hparams.position_jitter
+        if not self.training or J <= 0:
+            return None
+        ids = batch["input_ids"]
+        B, L = ids.shape
+        idx = torch.arange(L, device=ids.device).expand(B, L)
+        is_image = ids == self.model.config.image_token_id
+        first = torch.where(is_image, idx, L).amin(1, keepdim=True)
+        last = torch.where(is_image, idx, -1).amax(1, keepdim=True)
+        n = is_image.sum(1, keepdim=True).clamp_min(1)
+        gap = torch.randint(-J, J + 1, (B, 1), device=ids.device).clamp_min(-(n - 1))
+        inside = torch.where(gap < 0, -(((idx - first).clamp_min(0) * -gap + n - 1) // n), 0)  # -ceil(j|g|/n)
+        return idx + torch.where(is_image, inside, 0) + torch.where(idx > last, gap, 0)
+
+    def _grounding_loss(self, hidden_states: tuple, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.model.language_model
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
         target = batch["target_patches"]
@@ -97,8 +121,9 @@ class BackboneModule(pl.LightningModule):
         B, L = ids.shape
         query = (labels != -100).float().argmax(1) - 1  # the last prompt token predicts the answer
         visual = (ids == self.model.config.image_token_id).nonzero()[:, 1].view(B, -1)
-        pos = torch.arange(L, device=ids.device)[None].expand(B, L)  # the positions the forward used
-        allowed = mask & (pos <= query[:, None])
+        order = torch.arange(L, device=ids.device)[None].expand(B, L)
+        pos = order if positions is None else positions  # the positions the forward used
+        allowed = mask & (order <= query[:, None])
         n = len(lm.layers)
         layers = self.hparams.ground_layers or [n // 2 - 1, n // 2]
         losses = []
@@ -148,9 +173,11 @@ class BackboneModule(pl.LightningModule):
             return self.hparams.patch_weight * parts["patch_loss"], parts, None
         ground = self.hparams.ground_weight > 0 and "target_patches" in batch
         readout = self.hparams.readout_weight > 0 and "target_attrs" in batch
+        positions = self._positions(batch)
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
+            position_ids=positions,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision.pooler_output)},
             labels=batch["labels"],
             use_cache=False,
@@ -159,7 +186,7 @@ class BackboneModule(pl.LightningModule):
         parts["lm_loss"] = out.loss
         loss = out.loss + self.hparams.patch_weight * parts["patch_loss"]
         if ground:
-            parts["ground_loss"] = self._grounding_loss(out.hidden_states, batch)
+            parts["ground_loss"] = self._grounding_loss(out.hidden_states, batch, positions)
             loss = loss + self.hparams.ground_weight * parts["ground_loss"]
         if readout:
             parts["readout_loss"] = self._readout_loss(out.hidden_states, batch)
