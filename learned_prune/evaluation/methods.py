@@ -2,10 +2,11 @@
 
 A spec is a registry name or a head folder (``fastv``, ``checkpoints/atp-tiny``), optionally with
 constructor arguments after ``@`` (``checkpoints/dyvte-tiny@threshold=0.7``, ``fastv@layer=3,keep=32``;
-values are read as YAML, so lists work: ``checkpoints/dyvte-tiny@threshold=[0.6,0.7,0.9,0.9,0.9,0.9,0.8]``), and several specs joined by ``+`` are composed, applied in order
-(``checkpoints/dyvte-tiny+fastv``, the pairing of the DyVTE paper). The grid's budget goes to every
-part that takes one; a spec whose parts all choose their own kept count is evaluated once, at its
-mean. Arguments given in the spec override those of ``configs/method/<name>.yaml``.
+values are read as YAML, so lists work: ``checkpoints/dyvte-tiny@threshold=[0.6,0.7,0.9,0.9,0.9,0.9,0.8]``),
+and several specs joined by ``+`` are composed, applied in order (``checkpoints/dyvte-tiny+fastv``,
+the pairing of the DyVTE paper). The grid's budget goes to every part that takes one; a spec whose
+parts all choose their own kept count is evaluated once, at its mean. Arguments given in the spec
+override those of ``configs/method/<name>.yaml``.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ class BackboneModule(pl.LightningModule):
         Each sample draws a gap g in [-J, J]: the tokens after the image move by g. A negative g also
         compresses the image's positions evenly into n - |g| slots (visual token j moves by
         -ceil(j |g| / n)), as re-packing does after dropping |g| of n tokens spread over the image,
-        so the image and the question never share a position. Without it a from-scratch backbone learns the one distance it always sees
-        (``benchmarks/position_gap.py``).
+        so the image and the question never share a position. Without it a from-scratch backbone
+        learns the one distance it always sees (``benchmarks/position_gap.py``).
         """
         J = self.hparams.position_jitter
         if not self.training or J <= 0:

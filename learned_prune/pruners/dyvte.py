@@ -15,14 +15,15 @@ softmax); routers are trained as classifiers on labels the frozen model makes it
 saves nothing); ``width`` defaults to 2C rather than a fixed 2048, which would dwarf a small LLM;
 the batch need not be one sample (each sample exits on its own); ``min_layer`` can forbid early
 exits; ``threshold`` may be one value per router (an early exit saves more and costs more, so the
-trade-off need not be the same at every layer; the shipped head's values are chosen on validation). :class:`VisualExit` (all visual tokens removed from a fixed layer on) makes the training
-labels and is a baseline of its own.
+trade-off need not be the same at every layer; the shipped head's values are chosen on
+validation). :class:`VisualExit` (all visual tokens removed from a fixed layer on) makes the
+training labels and is a baseline of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
