@@ -139,3 +139,19 @@ def test_target_patches_cover_the_questioned_objects():
             assert not target.any()
         if s["qtype"] == "count" and s["answer"] == "zero":
             assert not target.any()
+
+
+def test_relation_targets_name_the_asked_relation_and_agree_with_the_answer():
+    ds = ShapesVQADataset("val", size=300, question_weights={"position": 1.0, "color": 1.0})
+    seen = set()
+    for i in range(300):
+        s = ds[i]
+        offset, relation = float(s["target_offset"]), int(s["target_relation"])
+        if s["qtype"] != "position":
+            assert np.isnan(offset) and relation == -100
+            continue
+        assert abs(offset) >= 0.1 - 1e-6  # position questions only ask about objects at least 10% apart
+        assert (offset > 0) == (s["answer"] == "yes"), s["question"]
+        assert f" {['left of', 'right of', 'above', 'below'][relation]} " in s["question"]
+        seen.add(relation)
+    assert len(seen) == 4

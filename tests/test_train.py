@@ -70,3 +70,28 @@ def test_backbone_trains_with_position_jitter(tmp_path):
     loss = train(_cfg(tmp_path, "module.position_jitter=8", "trainer.max_steps=2", "module.tower_steps=1",
                       "optimized_metric=train/loss"))
     assert loss is not None and torch.isfinite(torch.tensor(loss))
+
+
+def test_relation_readout_teaches_the_relation_only_on_position_questions():
+    from learned_prune import tiny_llava
+    from learned_prune.data import ShapesVQADataset, VQACollator
+    from learned_prune.modules import BackboneModule
+
+    model, processor = tiny_llava("llava", text_layers=4, seed=0)
+    ds = ShapesVQADataset("val", size=64, question_weights={"position": 1.0, "color": 1.0})
+    items = [ds[i] for i in range(64)]
+    batch = VQACollator(processor)(items)
+    torch.manual_seed(0)
+    plain = BackboneModule(model, processor, sincos_positions=False)
+    with_relation = BackboneModule(model, processor, sincos_positions=False, relation_weight=1.0)
+    with_relation.readout_probe.load_state_dict(plain.readout_probe.state_dict())
+    _, base, _ = plain._losses(batch)
+    loss, parts, _ = with_relation._losses(batch)
+    assert parts["readout_loss"] > base["readout_loss"]  # the relation terms add to the read-out
+    loss.backward()
+    assert with_relation.offset_probe.weight.grad.abs().sum() > 0
+    assert with_relation.relation_probe.weight.grad.abs().sum() > 0
+    colour_only = VQACollator(processor)([s for s in items if s["qtype"] == "color"])
+    _, a, _ = plain._losses(colour_only)
+    _, b, _ = with_relation._losses(colour_only)
+    assert torch.allclose(a["readout_loss"], b["readout_loss"])  # no position question: nothing added

@@ -15,7 +15,7 @@ class VQACollator:
     ``labels`` = -100 everywhere except the answer tokens and EOS, ``prompt_input_ids``/
     ``prompt_attention_mask`` (the prompt alone, left-padded, for generation), and passes through
     ``answers``, ``qtypes``, ``patch_mask``, ``patch_labels``, ``patch_attrs``, ``patch_centres``, ``target_patches``,
-    ``target_attrs``, ``target_centres`` (stacked), ``boxes`` (list), ``index``.
+    ``target_attrs``, ``target_centres``, ``target_offset``, ``target_relation`` (stacked), ``boxes`` (list), ``index``.
     """
 
     def __init__(self, processor: Any, prompt_template: str = "USER: <image>\n{question} ASSISTANT:") -> None:
@@ -55,7 +55,7 @@ class VQACollator:
             index=torch.tensor([s.get("index", -1) for s in samples]),
         )
         for key in ("patch_mask", "patch_labels", "target_patches", "patch_attrs", "patch_centres",
-                    "target_attrs", "target_centres"):
+                    "target_attrs", "target_centres", "target_offset", "target_relation"):
             if all(key in s for s in samples):
                 batch[key] = torch.stack([s[key] for s in samples])
         if all("boxes" in s for s in samples):

@@ -157,7 +157,10 @@ class ShapesVQADataset(Dataset):
     grid*grid x 3: colour, shape, size index of that object, -100 on background), ``patch_centres``
     (its centre in [0, 1] image coordinates), ``target_attrs`` / ``target_centres`` (2 x 3 / 2 x 2:
     the objects the question names, in order; -100 / NaN where there is none; count questions name
-    none), ``boxes`` (float n x 4, x0 y0 x1 y1),
+    none), ``target_offset`` (position questions: the first named object's signed offset from the
+    second along the asked relation, in image widths, positive when the answer is yes; NaN for other
+    types), ``target_relation`` (index of the asked relation in ``RELATIONS``; -100 for other types),
+    ``boxes`` (float n x 4, x0 y0 x1 y1),
     ``objects`` and ``index``.
     """
 
@@ -230,6 +233,11 @@ class ShapesVQADataset(Dataset):
         target_centres = np.full((2, 2), np.nan, dtype=np.float32)
         for j, i in enumerate(named):
             target_attrs[j], target_centres[j] = attrs[i], centres[i]
+        target_offset, target_relation = np.float32(np.nan), -100  # position questions only
+        if qtype == "position":
+            target_relation = next(k for k, r in enumerate(RELATIONS) if f" {r} " in qa[0])
+            axis, sign = list(RELATIONS.values())[target_relation]
+            target_offset = np.float32(sign * (target_centres[0, axis] - target_centres[1, axis]))
         boxes = np.array([[o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r] for o in objects], dtype=np.float32)
         return {
             "image": image,
@@ -243,6 +251,8 @@ class ShapesVQADataset(Dataset):
             "patch_centres": torch.from_numpy(patch_centres),
             "target_attrs": torch.from_numpy(target_attrs).long(),
             "target_centres": torch.from_numpy(target_centres),
+            "target_offset": torch.tensor(target_offset),
+            "target_relation": torch.tensor(target_relation),
             "target_patches": torch.from_numpy(target),
             "boxes": torch.from_numpy(boxes.clip(0, self.image_size)),
             "pixel_mask": torch.from_numpy(owner >= 0),
