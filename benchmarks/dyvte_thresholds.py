@@ -137,6 +137,22 @@ def search(tables: dict, grid: list[float], max_loss: float, min_layer: int = 1)
     return best[3], best[1], best[2]
 
 
+def cached_tables(a: argparse.Namespace, model, processor, head: DyVTEHead, split: str, samples: int) -> dict:
+    """:func:`exit_tables`, read from / written to ``a.cache`` when given (keyed by the head's weights)."""
+    if not a.cache:
+        return exit_tables(model, processor, head, split, samples)
+    import hashlib
+
+    digest = hashlib.sha1(Path(a.head, "model.safetensors").read_bytes() + Path(a.backbone, "model.safetensors").read_bytes())
+    path = Path(a.cache) / f"{digest.hexdigest()[:12]}_{split}_{samples}.npz"
+    if path.is_file():
+        return dict(np.load(path))
+    tables = exit_tables(model, processor, head, split, samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **tables)
+    return tables
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--head", default="checkpoints/dyvte-tiny")
@@ -149,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--permutations", type=int, default=20)
     p.add_argument("--save", default=None, help="write the head with the chosen thresholds to this folder")
     p.add_argument("--json", default=None, help="write the result to this file")
+    p.add_argument("--cache", default=None, help="folder for the exit tables (.npz), reused when head, split and size match")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     model, processor = load_backbone(a.backbone)
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise TypeError(f"{a.head} is not a DyVTE head (got {type(head).__name__})")
     head.eval()
     grid = [float(g) for g in a.grid.split(",")]
-    val = exit_tables(model, processor, head, "val", a.samples)
+    val = cached_tables(a, model, processor, head, "val", a.samples)
     if a.thresholds:
         thresholds = [float(t) for t in a.thresholds.split(",")]
         val_acc, val_saved = score(val, exits_for(val["probs"], np.asarray(thresholds), head.min_layer))
@@ -165,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         thresholds, val_acc, val_saved = search(val, grid, a.max_loss / 100, head.min_layer)
     result = {"thresholds": thresholds, "val": {"samples": a.samples, "unpruned": float(val["correct"][:, -1].mean()),
                                                  "acc": val_acc, "llm_flops_saved": val_saved}}
-    test = exit_tables(model, processor, head, "test", a.test_samples)
+    test = cached_tables(a, model, processor, head, "test", a.test_samples)
     exits = exits_for(test["probs"], np.asarray(thresholds), head.min_layer)
     acc, saved = score(test, exits)
     rng = np.random.default_rng(0)
