@@ -17,8 +17,10 @@ exit. From these two tables any set of thresholds is scored without another forw
     python benchmarks/dyvte_thresholds.py --head checkpoints/dyvte-tiny                 # 4,096 val, 1,000 test
     python benchmarks/dyvte_thresholds.py --head outputs/dyvte/export --save checkpoints/dyvte-tiny
 
-``--thresholds`` scores given values instead of searching. ``--save`` writes the head with the chosen thresholds (``save_pretrained``). The FLOPs are FastV's
-per-layer formula (``learned_prune.evaluation.flops``) per sample, summed over the split.
+``--thresholds`` scores given values instead of searching; ``--save`` writes the head with the
+chosen thresholds (``save_pretrained``); ``--cache`` keeps the exit tables for another rule. The
+FLOPs are FastV's per-layer formula (``learned_prune.evaluation.flops``) per sample, summed over
+the split.
 """
 
 from __future__ import annotations
@@ -94,8 +96,7 @@ def exits_for(probs: np.ndarray, thresholds: np.ndarray, min_layer: int = 1) -> 
     """Exit layer (1..L-1; L = no exit) of every sample under per-router ``thresholds`` (L-1,)."""
     over = probs > thresholds[None]
     over[:, : min_layer - 1] = False
-    first = np.where(over.any(1), over.argmax(1) + 1, probs.shape[1] + 1)
-    return first
+    return np.where(over.any(1), over.argmax(1) + 1, probs.shape[1] + 1)
 
 
 def score(tables: dict, exits: np.ndarray) -> tuple[float, float]:
