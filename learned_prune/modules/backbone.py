@@ -84,9 +84,10 @@ class BackboneModule(pl.LightningModule):
         # per answer token colour + shape + size + centre of two named objects
         self.patch_probe = nn.Linear(vdim, 1 + N_COLORS + N_SHAPES + N_SIZES + 2)
         self.readout_probe = nn.Linear(tdim, 2 * (N_COLORS + N_SHAPES + N_SIZES + 2))
-        # position questions: the asked relation (middle layer), the offset along it (read-out layer)
-        self.relation_probe = nn.Linear(tdim, len(RELATIONS))
-        self.offset_probe = nn.Linear(tdim, 1)
+        if relation_weight > 0:  # only then: checkpoints of runs without it keep loading strictly
+            # position questions: the asked relation (middle layer), the offset along it (read-out layer)
+            self.relation_probe = nn.Linear(tdim, len(RELATIONS))
+            self.offset_probe = nn.Linear(tdim, 1)
         if sincos_positions:
             sincos_position_init(model.model.vision_tower)
         self.train_acc = AnswerAccuracy()
