@@ -220,3 +220,48 @@ def test_a_per_layer_threshold_for_another_depth_fails_with_the_override_to_use(
     model, processor = tiny_llava("llava", text_layers=4, seed=0)
     with pytest.raises(ValueError, match=r"3 routers.*set module.threshold=0.5"):
         DyVTEModule(model, processor, threshold=[0.75] * 7)
+
+
+def test_label_buffer_keeps_the_newest_samples_and_draws_only_stored_ones():
+    from learned_prune.modules.dyvte import LabelBuffer
+
+    buf = LabelBuffer(capacity=5)
+    for start in (0, 3, 6):  # 9 samples through a 5-slot buffer: 4..8 remain
+        ids = torch.arange(start, start + 3, dtype=torch.float32)
+        buf.add(ids[:, None, None].expand(3, 2, 4), torch.stack([ids.long() % 2, torch.full((3,), -1)], 1))
+    assert buf.size == 5
+    assert sorted(buf.x[:, 0, 0].long().tolist()) == [4, 5, 6, 7, 8]
+    x, y = buf.sample(64, torch.device("cpu"))
+    assert x.shape == (64, 2, 4) and y.shape == (64, 2)
+    assert set(x[:, 0, 0].long().tolist()) <= {4, 5, 6, 7, 8}
+    assert (y[:, 0] == x[:, 0, 0].long() % 2).all() and (y[:, 1] == -1).all()  # labels stay with their features
+
+
+def test_replay_trains_on_earlier_labels_and_validation_does_not_join_the_buffer(tmp_path):
+    cfg = compose_train(tmp_path, [*DYVTE, "test=false", "module.replay=6", "module.replay_capacity=10",
+                                   "module.layers_per_step=2"], "dyvte-head")
+    parts = build(cfg)
+    module, dm = parts["module"], parts["datamodule"]
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    first = next(loader)
+    module.router_loss(first, [1, 7], "train", replay=6)
+    assert module.buffer.size == 4
+    stored = module.buffer.y[:4]
+    assert (stored[:, [1, 2, 3, 4, 5]] == -1).all() and (stored[:, [0, 6]] >= 0).all()  # only the labelled sites
+    # the next step's loss includes replayed labels: with every stored label flipped, the loss changes
+    second = next(loader)
+    torch.manual_seed(0)
+    base = module.router_loss(second, [1, 7], "train", replay=6)
+    module.buffer.y[:4] = torch.where(stored >= 0, 1 - stored, stored)
+    module.buffer.size, module.buffer.next = 4, 4
+    torch.manual_seed(0)
+    flipped = module.router_loss(second, [1, 7], "train", replay=6)
+    assert not torch.isclose(base, flipped)
+    assert module.buffer.size == 8
+    module.validation_step(next(iter(dm.val_dataloader())), 0)
+    assert module.buffer.size == 8
+    with pytest.raises(ValueError, match="module.replay=-1"):
+        from learned_prune.modules import DyVTEModule
+
+        DyVTEModule(module.model, None, replay=-1)

@@ -13,6 +13,17 @@ Each training step (as the official ``finetune_visual_gate`` recipe, several lay
 4. train router l by cross-entropy on [mean instruction state, last prompt state] of A at layer l,
    detached (the backbone is frozen and gets no gradient).
 
+Labels are the expensive part (one full and up to L-1 partial forwards per batch); a router update
+is a few small matmuls. ``replay`` (not in the official code, which trains the routers once on each
+labelled batch) adds that many earlier labelled samples, drawn uniformly from a FIFO buffer of the
+last ``replay_capacity`` ones, to every step's loss, so the routers see each label several times at
+no extra forward cost. On the embedded backbone, with the same 1,200 labelled batches of 32, the
+routers trained with ``replay=224`` save 32-33% of the LLM prefill at -0.5 points on validation,
+against 23% without replay (checkpoints/dyvte-tiny/README.md). The buffer lives in CPU memory
+(``replay_capacity x (L-1) x 2C`` float32 values: 117 MB for the embedded backbone's default 8,192,
+1.4 GB per 1,024 samples for a 32-layer, C=4096 LLM), is not saved in checkpoints and refills after
+a resume.
+
 Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer
 distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exits save.
 """
@@ -65,6 +76,30 @@ def logits_without_visual_from(model: nn.Module, hidden: torch.Tensor, layer: in
     return model.lm_head(lm.norm(h)), index, rows_valid
 
 
+class LabelBuffer:
+    """FIFO store of labelled router inputs (CPU): features (N, R, 2C) and labels (N, R), -1 = unlabelled."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.size = self.next = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.x is None:
+            self.x = torch.zeros(self.capacity, *x.shape[1:], dtype=torch.float32)
+            self.y = torch.full((self.capacity, *y.shape[1:]), -1, dtype=torch.long)
+        slots = (self.next + torch.arange(len(x))) % self.capacity
+        self.x[slots], self.y[slots] = x.detach().float().cpu(), y.cpu()
+        self.next = int(slots[-1] + 1) % self.capacity
+        self.size = min(self.size + len(x), self.capacity)
+
+    def sample(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` stored samples drawn uniformly with replacement; call only once something was added."""
+        idx = torch.randint(0, self.size, (n,))
+        return self.x[idx].to(device), self.y[idx].to(device)
+
+
 class DyVTEModule(LearnedPrunerModule):
     """Builds a :class:`~learned_prune.pruners.dyvte.DyVTEHead` for ``model`` and trains its routers."""
 
@@ -78,6 +113,8 @@ class DyVTEModule(LearnedPrunerModule):
         layers_per_step: int | None = None,
         margin: float = 0.2,
         rel_margin: float = 0.03,
+        replay: int = 0,
+        replay_capacity: int = 8192,
         **kwargs: Any,
     ) -> None:
         tc = model.config.text_config
@@ -86,11 +123,15 @@ class DyVTEModule(LearnedPrunerModule):
                              f"chosen for; this backbone has {tc.num_hidden_layers - 1} routers (llm:1..llm:"
                              f"{tc.num_hidden_layers - 1}): set module.threshold=0.5 (one value for all) or give "
                              f"{tc.num_hidden_layers - 1} values")
+        if replay < 0 or (replay and replay_capacity < 1):
+            raise ValueError(f"module.replay={replay}, module.replay_capacity={replay_capacity}: replay is a number of "
+                             f"earlier labelled samples per step (0 disables it) and needs replay_capacity >= 1")
         head = DyVTEHead(tc.hidden_size, tc.num_hidden_layers, width=width, threshold=threshold, min_layer=min_layer)
         kwargs.setdefault("distill_weight", 0.0)
         kwargs.setdefault("budget_weight", 0.0)
         super().__init__(model, head, processor=processor, **kwargs)
         self.val_saved, self.test_saved = MeanMetric(), MeanMetric()
+        self.buffer = LabelBuffer(replay_capacity) if replay else None
 
     def label_layers(self) -> list[int]:
         layers = list(range(self.head.min_layer, self.head.num_layers))
@@ -128,24 +169,40 @@ class DyVTEModule(LearnedPrunerModule):
             targets[layer] = (agree & close).long()
         return feats, targets
 
-    def router_loss(self, batch: dict, layers: list[int], stage: str) -> torch.Tensor:
-        """Cross-entropy of the routers against the labels the frozen model makes for ``batch``; logs the
-        routers' accuracy and each layer's exit-label rate under ``stage``."""
+    def router_loss(self, batch: dict, layers: list[int], stage: str, replay: int = 0) -> torch.Tensor:
+        """Cross-entropy of the routers against the labels the frozen model makes for ``batch`` (plus
+        ``replay`` samples drawn from the label buffer, which this batch then joins); logs the routers'
+        accuracy and each layer's exit-label rate on ``batch`` under ``stage``."""
         feats, targets = self.make_labels(batch, layers)
-        losses, correct = [], []
+        sites = list(range(self.head.min_layer, self.head.num_layers))
         bs = batch["labels"].shape[0]
-        for layer, x in feats.items():
-            logits = self.head.exit_logits(layer, x)
-            losses.append(F.cross_entropy(logits, targets[layer]))
-            correct.append((logits.argmax(-1) == targets[layer]).float().mean())
+        x = next(iter(feats.values())).new_zeros(bs, len(sites), 2 * self.head.hidden_size, dtype=torch.float32)
+        y = torch.full((bs, len(sites)), -1, dtype=torch.long, device=x.device)  # -1: not labelled this step
+        for layer in layers:
+            x[:, layer - self.head.min_layer], y[:, layer - self.head.min_layer] = feats[layer], targets[layer]
+        correct = []
+        for layer in layers:
+            pred = self.head.exit_logits(layer, feats[layer]).detach().argmax(-1)
+            correct.append((pred == targets[layer]).float().mean())
             self.log(f"{stage}/label_exit/llm:{layer}", targets[layer].float().mean(), batch_size=bs)
+        if replay and self.buffer is not None:
+            if self.buffer.size:
+                old_x, old_y = self.buffer.sample(replay, x.device)
+                self.buffer.add(x, y)
+                x, y = torch.cat([x, old_x]), torch.cat([y, old_y])
+            else:
+                self.buffer.add(x, y)
+        losses = []
+        for j, layer in enumerate(sites):
+            if (y[:, j] >= 0).any():
+                losses.append(F.cross_entropy(self.head.exit_logits(layer, x[:, j]), y[:, j], ignore_index=-1))
         loss = torch.stack(losses).mean()
         self.log(f"{stage}/router_loss", loss, prog_bar=stage == "train", batch_size=bs)
         self.log(f"{stage}/router_acc", torch.stack(correct).mean(), prog_bar=True, batch_size=bs)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.router_loss(batch, self.label_layers(), "train")
+        loss = self.router_loss(batch, self.label_layers(), "train", replay=self.hparams.replay)
         self.log("train/loss", loss, batch_size=batch["labels"].shape[0])
         return loss
 
