@@ -45,6 +45,9 @@ def test_prefill_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert [r["method"] for r in records] == ["none", "fastv", "fastervlm"]
     for r in records:
         assert {"method", "keep", "prefill_ms", "speedup", "flops_ideal_speedup", "selection_share"} <= set(r)
+        assert r["prefill_ms_min"] == min(r["prefill_ms_all"]) <= r["prefill_ms"]
+        want = records[0]["prefill_ms_min"] / r["prefill_ms_min"] / r["flops_ideal_speedup"]
+        assert r["measured_over_ideal_min"] == pytest.approx(want)
     assert records[0]["speedup"] == 1.0 and records[0]["flops_ideal_speedup"] == 1.0
     assert all(r["flops_ideal_speedup"] > 1 for r in records[1:])
     assert records[1]["kept_tokens"] == {"llm:2": 4} and records[2]["kept_tokens"] == {"vision": 4}
