@@ -162,3 +162,25 @@ def fit_frozen(out, overrides: list[str], export_name: str) -> dict:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the frozen backbone changed"
     assert any(not torch.equal(head_before[k], v) for k, v in module.head.state_dict().items()), "head did not train"
     return parts
+
+
+def load_exported(path, module, cls):
+    """The head exported to ``path``: of type ``cls`` and with the weights ``module`` trained."""
+    from learned_prune import load_pruner
+
+    head = load_pruner(str(path))
+    assert isinstance(head, cls)
+    module.head.eval()
+    torch.testing.assert_close(head.state_dict(), module.head.state_dict())
+    return head
+
+
+def fresh_tiny_backbone(batch_size: int = 3) -> tuple:
+    """A newly built backbone of the shape the tiny training configs use (not the one trained on), and a batch."""
+    from learned_prune import tiny_llava
+
+    from conftest import make_batch
+
+    model, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+                                  intermediate_size=64, seed=0)
+    return model, make_batch(processor, batch_size)

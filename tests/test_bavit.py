@@ -9,7 +9,7 @@ from learned_prune import load_pruner, tiny_llava
 from learned_prune.pruners.bavit import BAViTHead
 
 from conftest import make_batch
-from helpers import fit_frozen
+from helpers import fit_frozen, fresh_tiny_backbone, load_exported
 from test_atp import TINY
 
 BAVIT = [o if not o.startswith("module=") else "module=bavit" for o in TINY]
@@ -19,13 +19,8 @@ def test_bavit_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     parts = fit_frozen(tmp_path, [*BAVIT, "trainer.max_steps=3", "test=false"], "bavit-head")
     module, trainer = parts["module"], parts["trainer"]
     assert "val/token_f1" in trainer.callback_metrics
-    head = load_pruner(str(tmp_path / "bavit-head"))
-    assert isinstance(head, BAViTHead)
-    module.head.eval()
-    torch.testing.assert_close(head.state_dict(), module.head.state_dict())
-    fresh, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
-                                  intermediate_size=64, seed=0)
-    batch = make_batch(processor, 3)
+    head = load_exported(tmp_path / "bavit-head", module, BAViTHead)
+    fresh, batch = fresh_tiny_backbone()
     with torch.no_grad(), head(fresh) as engine:
         fresh(**batch)
     kept = engine.kept_tokens["vision"]

@@ -9,7 +9,7 @@ from learned_prune import load_pruner, tiny_llava
 from learned_prune.pruners.lvpruning import LVPruningHead
 
 from conftest import make_batch, positions_from_mask
-from helpers import fit_frozen, record_selections, reference_logits
+from helpers import fit_frozen, fresh_tiny_backbone, load_exported, record_selections, reference_logits
 from test_atp import TINY
 
 LVP = [o if not o.startswith("module=") else "module=lvpruning" for o in TINY]
@@ -30,13 +30,9 @@ def test_lvpruning_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     parts = fit_frozen(tmp_path, [*LVP, "trainer.max_steps=3", "test=false"], "lvp-head")
     module, trainer = parts["module"], parts["trainer"]
     assert {"train/kept_frac/llm:3", "train/kept_frac/llm:5", "val/acc"} <= set(trainer.callback_metrics)
-    head = load_pruner(str(tmp_path / "lvp-head"))
-    assert isinstance(head, LVPruningHead) and head.layers == [3, 4, 5]  # the config default
-    module.head.eval()
-    torch.testing.assert_close(head.state_dict(), module.head.state_dict())
-    fresh, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
-                                  intermediate_size=64, seed=0)
-    batch = make_batch(processor, 3)
+    head = load_exported(tmp_path / "lvp-head", module, LVPruningHead)
+    assert head.layers == [3, 4, 5]  # the config default
+    fresh, batch = fresh_tiny_backbone()
     with torch.no_grad(), head(fresh) as engine:
         fresh(**batch)
     n = (batch["input_ids"] == fresh.config.image_token_id).sum(1)[0].item()

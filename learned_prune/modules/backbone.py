@@ -34,7 +34,6 @@ All probes are training-only; the exported model is a plain HF LLaVA (``save_pre
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..data.draw import SHAPES
 from ..data.shapes import COLOR_NAMES, RELATIONS, SIZE_NAMES
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
+from .schedule import warmup_cosine_factor
 
 
 class BackboneModule(pl.LightningModule):
@@ -275,8 +275,8 @@ class BackboneModule(pl.LightningModule):
                        {"params": no_decay, "weight_decay": 0.0, "lr": base}]
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
         T = hp.tower_steps
-        full = _warmup_cosine(total - T, hp.warmup_steps, floor=0.05)
-        tower = _warmup_cosine(T, hp.warmup_steps, floor=0.1) if T else full
+        full = warmup_cosine_factor(total - T, hp.warmup_steps, floor=0.05)
+        tower = warmup_cosine_factor(T, hp.warmup_steps, floor=0.1) if T else full
         scale = hp.tower_lr_scale * hp.lr / hp.tower_lr if T else 1.0
 
         def tower_factor(step: int) -> float:
@@ -315,18 +315,6 @@ def _attribute_loss(logits: torch.Tensor, attrs: torch.Tensor, centres: torch.Te
     if bool(present.any()):
         loss = loss + 10 * ((logits[..., c:c + 2] - centres) ** 2).sum(-1)[present].mean()
     return loss
-
-
-def _warmup_cosine(total: int, warmup: int, floor: float):
-    warm = max(1, min(warmup, max(1, total // 10)))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def sincos_position_init(tower: nn.Module, scale: float = 0.5) -> None:
