@@ -237,6 +237,7 @@ def test_label_buffer_keeps_the_newest_samples_and_draws_only_stored_ones():
     assert (y[:, 0] == x[:, 0, 0].long() % 2).all() and (y[:, 1] == -1).all()  # labels stay with their features
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
 def test_replay_trains_on_earlier_labels_and_validation_does_not_join_the_buffer(tmp_path):
     cfg = compose_train(tmp_path, [*DYVTE, "test=false", "module.replay=6", "module.replay_capacity=10",
                                    "module.layers_per_step=2"], "dyvte-head")
