@@ -18,11 +18,11 @@ is a few small matmuls. ``replay`` (not in the official code, which trains the r
 labelled batch) adds that many earlier labelled samples, drawn uniformly from a FIFO buffer of the
 last ``replay_capacity`` ones, to every step's loss, so the routers see each label several times at
 no extra forward cost. On the embedded backbone, with the same 1,200 labelled batches of 32, the
-routers trained with ``replay=224`` save 32-33% of the LLM prefill at -0.5 points on validation,
-against 23% without replay (checkpoints/dyvte-tiny/README.md). The buffer lives in CPU memory
-(``replay_capacity x (L-1) x 2C`` float32 values: 117 MB for the embedded backbone's default 8,192,
-1.4 GB per 1,024 samples for a 32-layer, C=4096 LLM), is not saved in checkpoints and refills after
-a resume.
+routers trained with ``replay=224`` (and lr 3e-3) save 31% of the LLM prefill at -0.5 points on
+validation, against 23% without replay (checkpoints/dyvte-tiny/README.md). The buffer lives in CPU
+memory (``replay_capacity x (L-1) x 2C`` float32 values: 59 MB for the embedded backbone at the
+default 8,192; 1.0 GB per 1,024 samples for a 32-layer, C=4096 LLM, so lower ``replay_capacity``
+there), is not saved in checkpoints and refills after a resume.
 
 Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer
 distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exits save.
