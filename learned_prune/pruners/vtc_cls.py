@@ -19,7 +19,8 @@ class VTCCLS(Pruner):
     ``start_layer`` .. penultimate, head-mean, kept in spatial order, before the projector.
 
     Defaults as the official CLI (``--layer 16`` of CLIP-L's 24 layers): ``start_layer=None`` takes
-    the same fraction (2/3) of the tower's depth. Departure: each layer's [CLS] row is computed
+    the same fraction (2/3) of the tower's depth, at most the penultimate layer, so on a tower of 4
+    layers or fewer the sum is the penultimate layer alone and the score equals FasterVLM's. Departure: each layer's [CLS] row is computed
     from its q/k projections instead of ``output_attentions=True``, so SDPA stays on.
     """
 
