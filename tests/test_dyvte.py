@@ -266,3 +266,15 @@ def test_replay_trains_on_earlier_labels_and_validation_does_not_join_the_buffer
         from learned_prune.modules import DyVTEModule
 
         DyVTEModule(module.model, None, replay=-1)
+
+
+def test_a_run_with_replay_resumes_from_its_checkpoint_and_refills_the_buffer(tmp_path):
+    overrides = [*DYVTE, "test=false", "module.replay=4"]
+    first = build(compose_train(tmp_path / "a", [*overrides, "trainer.max_steps=3"], "dyvte-head"))
+    first["trainer"].fit(first["module"], datamodule=first["datamodule"])
+    assert first["module"].buffer.size == 3 * 4  # three batches of 4 labelled samples
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = build(compose_train(tmp_path / "b", [*overrides, "trainer.max_steps=5"], "dyvte-head"))
+    second["trainer"].fit(second["module"], datamodule=second["datamodule"], ckpt_path=str(last))
+    assert second["trainer"].global_step == 5
+    assert second["module"].buffer.size == 2 * 4  # not checkpointed: only the two steps after the resume
