@@ -22,7 +22,8 @@ routers trained with ``replay=224`` (and lr 3e-3) save 31% of the LLM prefill at
 validation, against 23% without replay (checkpoints/dyvte-tiny/README.md). The buffer lives in CPU
 memory (``replay_capacity x (L-1) x 2C`` float32 values: 59 MB for the embedded backbone at the
 default 8,192; 1.0 GB per 1,024 samples for a 32-layer, C=4096 LLM, so lower ``replay_capacity``
-there), is not saved in checkpoints and refills after a resume.
+there), is not saved in checkpoints and refills after a resume. The class defaults to ``replay=0``
+(the official recipe); ``configs/module/dyvte.yaml`` ships ``replay=224`` with lr 3e-3.
 
 Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer
 distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exits save.

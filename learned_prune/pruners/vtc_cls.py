@@ -20,8 +20,9 @@ class VTCCLS(Pruner):
 
     Defaults as the official CLI (``--layer 16`` of CLIP-L's 24 layers): ``start_layer=None`` takes
     the same fraction (2/3) of the tower's depth, at most the penultimate layer, so on a tower of 4
-    layers or fewer the sum is the penultimate layer alone and the score equals FasterVLM's. Departure: each layer's [CLS] row is computed
-    from its q/k projections instead of ``output_attentions=True``, so SDPA stays on.
+    layers or fewer the sum is the penultimate layer alone and the score equals FasterVLM's.
+    Departure: each layer's [CLS] row is computed from its q/k projections instead of
+    ``output_attentions=True``, so SDPA stays on.
     """
 
     site: str = "vision"
