@@ -25,6 +25,40 @@ def test_answer_accuracy_by_hand():
     assert normalize_answer("  Yes, it is") == "yes"
 
 
+def _accuracy_on_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        m = AnswerAccuracy(types=["color", "count"])
+        if rank == 0:  # this rank sees colour questions only, the other count questions only
+            m.update(["red", "blue"], ["red", "green"], ["color", "color"])
+        else:
+            m.update(["two"], ["two"], ["count"])
+        got = {k: float(v) for k, v in m.compute_all().items()}
+        local = {"total": m.total.tolist()}  # the local counts are restored after the sync
+        torch.save({"got": got, **local}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_answer_accuracy_is_summed_over_processes_with_the_same_keys_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_accuracy_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    want = {"acc": 2 / 3, "acc_color": 0.5, "acc_count": 1.0}
+    for r in ranks:
+        assert r["got"].keys() == want.keys()
+        assert all(abs(r["got"][k] - want[k]) < 1e-6 for k in want)
+    assert ranks[0]["total"][:2] == [2, 0] and ranks[1]["total"][:2] == [0, 1]
+
+
 def test_teacher_forced_accuracy_by_hand():
     m = AnswerAccuracy(types=["color"])
     logits = torch.zeros(2, 4, 5)

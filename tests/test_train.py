@@ -95,3 +95,16 @@ def test_relation_readout_teaches_the_relation_only_on_position_questions():
     _, a, _ = plain._losses(colour_only)
     _, b, _ = with_relation._losses(colour_only)
     assert torch.allclose(a["readout_loss"], b["readout_loss"])  # no position question: nothing added
+
+
+def test_plain_ddp_with_a_tower_stage_fails_early_with_the_strategy_to_use():
+    import pytest
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from learned_prune.modules.backbone import check_ddp_allows_the_tower_stage
+
+    with pytest.raises(ValueError, match="trainer.strategy=ddp_find_unused_parameters_true"):
+        check_ddp_allows_the_tower_stage(DDPStrategy(), tower_steps=1000)
+    check_ddp_allows_the_tower_stage(DDPStrategy(find_unused_parameters=True), tower_steps=1000)
+    check_ddp_allows_the_tower_stage(DDPStrategy(), tower_steps=0)
+    check_ddp_allows_the_tower_stage(SingleDeviceStrategy("cpu"), tower_steps=1000)

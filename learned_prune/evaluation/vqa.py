@@ -64,10 +64,16 @@ class AnswerAccuracy(Metric):
         return self.correct.sum().float() / self.total.sum().clamp_min(1)
 
     def compute_all(self) -> dict[str, torch.Tensor]:
-        out = {"acc": self.compute()}
+        """Overall and per-type accuracy from the counts summed over all processes (when distributed),
+        so every process returns the same keys and values: a type seen by one rank only is still
+        reported by all, which ``self.log(..., sync_dist=True)`` of the result needs (different key
+        sets across ranks would hang its all-reduce)."""
+        with self.sync_context():
+            correct, total = self.correct.clone(), self.total.clone()
+        out = {"acc": correct.sum().float() / total.sum().clamp_min(1)}
         for i, t in enumerate(self.types):
-            if self.total[i] > 0:
-                out[f"acc_{t}"] = self.correct[i].float() / self.total[i]
+            if total[i] > 0:
+                out[f"acc_{t}"] = correct[i].float() / total[i]
         return out
 
 

@@ -94,6 +94,10 @@ class BackboneModule(pl.LightningModule):
         self.val_acc = AnswerAccuracy()
         self.test_acc = AnswerAccuracy()
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_ddp_allows_the_tower_stage(self.trainer.strategy, self.hparams.tower_steps)
+
     def on_fit_start(self) -> None:
         self.model.train()  # backbones are built in eval mode; here every part is trained
 
@@ -315,6 +319,18 @@ def _attribute_loss(logits: torch.Tensor, attrs: torch.Tensor, centres: torch.Te
     if bool(present.any()):
         loss = loss + 10 * ((logits[..., c:c + 2] - centres) ** 2).sum(-1)[present].mean()
     return loss
+
+
+def check_ddp_allows_the_tower_stage(strategy: Any, tower_steps: int) -> None:
+    """Fail before training when DDP would stop at the first tower-stage step: there the LLM and the
+    answer probes get no gradient, which plain DDP rejects (``find_unused_parameters=False``)."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    if tower_steps and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+        raise ValueError(
+            f"module=backbone trains the vision tower alone for its first module.tower_steps={tower_steps} steps, "
+            "where the LLM gets no gradient, and plain DDP fails on parameters without one: run it with "
+            "trainer.strategy=ddp_find_unused_parameters_true (or module.tower_steps=0 to skip the tower stage)")
 
 
 def sincos_position_init(tower: nn.Module, scale: float = 0.5) -> None:
