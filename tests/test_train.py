@@ -108,3 +108,66 @@ def test_plain_ddp_with_a_tower_stage_fails_early_with_the_strategy_to_use():
     check_ddp_allows_the_tower_stage(DDPStrategy(find_unused_parameters=True), tower_steps=1000)
     check_ddp_allows_the_tower_stage(DDPStrategy(), tower_steps=0)
     check_ddp_allows_the_tower_stage(SingleDeviceStrategy("cpu"), tower_steps=1000)
+
+
+class _SeenSamples:
+    """Records the dataset indices of every training batch (a Lightning callback)."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Seen(pl.Callback):
+            def __init__(self):
+                self.steps = []
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                self.steps.append(batch["index"].tolist())
+
+        return Seen()
+
+
+def _fit_recording(out, *overrides, ckpt_path=None, crash_at=None):
+    import pytorch_lightning as pl
+
+    from learned_prune.run import build
+
+    class Crash(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == crash_at:
+                raise RuntimeError("simulated crash")
+
+    parts = build(_cfg(out, *overrides))
+    seen = _SeenSamples()
+    parts["trainer"].callbacks.extend([seen, Crash()])
+    try:
+        parts["trainer"].fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=ckpt_path)
+    except RuntimeError as e:
+        assert crash_at is not None and "simulated crash" in str(e)
+    return seen.steps
+
+
+def test_a_resumed_run_goes_on_with_the_samples_the_crashed_one_had_not_trained_on(tmp_path):
+    whole = _fit_recording(tmp_path / "whole", "trainer.max_steps=6")
+    crashed = _fit_recording(tmp_path / "a", "trainer.max_steps=6", crash_at=4)  # LastCheckpoint saves on the way out
+    rest = _fit_recording(tmp_path / "b", "trainer.max_steps=6", ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert len(whole) == 6 and crashed[:4] == whole[:4]
+    assert rest == whole[4:]  # not the epoch's first batches again
+
+
+def test_the_shuffle_is_the_one_of_a_seeded_dataloader_in_every_epoch():
+    from torch.utils.data import DataLoader
+
+    from learned_prune.data.datamodule import ResumableShuffle
+
+    n = 103
+    plain = DataLoader(list(range(n)), batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(3))
+    want = [[int(i) for b in plain for i in b] for _ in range(3)]
+    sampler = ResumableShuffle(n, 3)
+    ours = DataLoader(list(range(n)), batch_size=10, sampler=sampler, generator=torch.Generator().manual_seed(3))
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert [int(i) for b in ours for i in b] == want[epoch]
+    sampler.set_epoch(1)
+    sampler.skip = 20
+    assert [int(i) for b in ours for i in b] == want[1][20:]  # once: the next epoch starts at the top again
+    assert [int(i) for b in ours for i in b] == want[1]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from .collate import VQACollator
 from .shapes import ShapesVQADataset
@@ -14,6 +14,38 @@ from .shapes import ShapesVQADataset
 
 def _as_list(samples: list) -> list:
     return samples
+
+
+class ResumableShuffle(Sampler[int]):
+    """A seeded shuffle that can start part-way through an epoch (for a resumed run).
+
+    Epoch e visits the order ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    gives in its epoch e (each epoch there draws the workers' base seed and two permutations, the
+    second for an empty remainder, from that generator), so runs from before this sampler keep their data order; Lightning calls
+    :meth:`set_epoch`. ``skip`` drops the first indices of the next epoch served: the samples an
+    interrupted run already trained on.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader's base-seed draw
+            perm = torch.randperm(self.n, generator=g)
+            torch.randperm(self.n, generator=g)  # RandomSampler draws its (empty) remainder permutation too
+        return perm.tolist()
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return iter(self.order(self.epoch)[skip:])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class ShapesVQADataModule(pl.LightningDataModule):
@@ -55,19 +87,31 @@ class ShapesVQADataModule(pl.LightningDataModule):
         self.collate = VQACollator(processor, prompt_template) if processor is not None else _as_list
 
     def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=ResumableShuffle(len(dataset), self.seed) if shuffle else None,
+            # the workers' base seed comes from this generator, not from the global RNG (as before the sampler)
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        """Seeded shuffled batches; in a run resumed mid-epoch, the epoch goes on from the first sample
+        the interrupted run had not trained on (single process: under DDP Lightning shards the order
+        itself and the resumed epoch starts over). A run that reached ``max_steps`` ended its epoch,
+        so extending it starts the next one, as Lightning counts it."""
+        loader = self._loader(self.train_set, True, self.batch_size)
+        trainer = self.trainer  # None outside a Trainer
+        if trainer is not None and trainer.world_size == 1:
+            loader.sampler.set_epoch(trainer.current_epoch)
+            epoch = trainer.fit_loop.epoch_progress.current
+            if epoch.started > epoch.completed:  # restored mid-epoch (a crash, Ctrl-C, a periodic checkpoint)
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                loader.sampler.skip = min(done * self.batch_size, len(self.train_set))
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False, self.eval_batch_size)
