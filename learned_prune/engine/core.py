@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .adapter import LlavaAdapter
 from .sites import _Group, _Run, parse_site
 from .sequence import Sequence, build_mask, compact_index
-from .state import PruneState, Selection
+from .state import LayerTrace, PruneState, Selection
 
 MODES = ("hard", "soft")
 
@@ -75,7 +75,7 @@ class Engine:
         self._labels: torch.Tensor | None = None
         self._vision: dict[str, Any] | None = None
         self._captured_keys: dict[int, torch.Tensor] = {}
-        self._captured_attn: dict[int, torch.Tensor] = {}
+        self._captured_branch: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._run: _Run | None = None
         self.kept_tokens: dict[str, torch.Tensor] = {}
         self.output_index: torch.Tensor | None = None
@@ -100,7 +100,9 @@ class Engine:
                     kp = a.lm.layers[k - 1].self_attn.k_proj
                     self._handles.append(kp.register_forward_hook(self._key_hook(k - 1)))
             for i in self.observers:
-                self._handles.append(a.lm.layers[i].self_attn.register_forward_hook(self._attn_hook(i)))
+                for part in ("self_attn", "mlp"):
+                    branch = getattr(a.lm.layers[i], part)
+                    self._handles.append(branch.register_forward_hook(self._branch_hook(i, part), with_kwargs=True))
             for p in self.pruners:  # e.g. a head's LoRA adapters, removed again on exit
                 if hasattr(p, "attach"):
                     p.attach(self.adapter)
@@ -127,7 +129,7 @@ class Engine:
         self._vision = None
         self._input_ids = None
         self._captured_keys.clear()
-        self._captured_attn.clear()
+        self._captured_branch.clear()
         self._installed = False
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -191,9 +193,10 @@ class Engine:
 
         return get_image_features
 
-    def _attn_hook(self, layer: int) -> Any:
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            self._captured_attn[layer] = output[0] if isinstance(output, tuple) else output
+    def _branch_hook(self, layer: int, part: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]  # the normed input the branch reads
+            self._captured_branch[(layer, part)] = (x, output[0] if isinstance(output, tuple) else output)
 
         return hook
 
@@ -266,7 +269,7 @@ class Engine:
         rope = lm.rotary_emb(embeds, seq.pos)
         mask = build_mask(seq.valid, None, q, embeds.dtype)
         self._captured_keys.clear()
-        self._captured_attn.clear()
+        self._captured_branch.clear()
         for i, layer in enumerate(lm.layers):
             if i in self.sites and bool(seq.is_visual.any()):
                 seq, offset = self._apply_sites(i, seq, group.offset)
@@ -287,11 +290,13 @@ class Engine:
                 **kwargs,
             )
             seq.prev_keys = self._captured_keys.pop(i, None)
-            if i in self.observers:  # the residual stream before/after attention and after the MLP
-                h_in = seq.prev_input
-                h_mid = h_in + self._captured_attn.pop(i)
+            if i in self.observers:  # each branch's normed input and output, and the residual stream
+                attn_in, attn_out = self._captured_branch.pop((i, "self_attn"))
+                mlp_in, mlp_out = self._captured_branch.pop((i, "mlp"))
+                trace = LayerTrace(h_in=seq.prev_input, attn_in=attn_in, attn_out=attn_out,
+                                   mlp_in=mlp_in, mlp_out=mlp_out, h_out=seq.hidden)
                 for p in self.observers[i]:
-                    p.observe(i, h_in, h_mid, seq.hidden, seq)
+                    p.observe(i, trace, seq)
         last_pos = torch.where(seq.valid, seq.pos, torch.full_like(seq.pos, -1)).amax(1) + 1
         for g in run.groups:
             g.next_pos = last_pos + (group.offset - g.offset)

@@ -43,6 +43,24 @@ class Selection:
 
 
 @dataclass
+class LayerTrace:
+    """What one decoder layer did to every token, for pruners that watch layers run (``observe``).
+
+    A pre-norm decoder layer computes ``mid = h_in + attn(attn_in)`` with ``attn_in =
+    input_layernorm(h_in)``, then ``h_out = mid + mlp(mlp_in)`` with ``mlp_in =
+    post_attention_layernorm(mid)``. ``attn_out`` / ``mlp_out`` are the branch outputs *before*
+    the residual add. All (B, L, D) on the layer's current (possibly pruned) sequence.
+    """
+
+    h_in: torch.Tensor
+    attn_in: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    h_out: torch.Tensor
+
+
+@dataclass
 class PruneState:
     """Everything a pruner may read at a site. Costly signals are methods, computed on demand.
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.sequence import Sequence
-from ..engine.state import PruneState
+from ..engine.state import LayerTrace, PruneState
 from .base import Pruner
 from .schedule import scale_layers, stage_counts
 
@@ -70,8 +70,9 @@ class TransPrune(Pruner):
             raise ValueError(f"TransPrune score_layer must be 'previous' or 'current', got {self.score_layer!r}")
         self._layers(adapter)
 
-    def observe(self, layer: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor, seq: Sequence) -> None:
+    def observe(self, layer: int, trace: LayerTrace, seq: Sequence) -> None:
         valid = seq.valid if seq.keep_prob is None else seq.valid & (seq.keep_prob > 0)  # soft: skip dropped
+        h_in, h_mid, h_out = trace.h_in, trace.h_in + trace.attn_out, trace.h_out  # (unchanged, residual stream)
         ttv = transition_variation(h_in, h_mid, valid) + transition_variation(h_mid, h_out, valid)
         seq.extras[_KEY] = seq.extras.get(_KEY, torch.zeros_like(ttv)) + ttv
 
