@@ -29,7 +29,9 @@ def is_adaptive(name: str) -> bool:
 def load_head(folder: str | Path, **overrides: Any) -> LearnedHead:
     """Rebuild an exported head: ``config.json`` gives the method and hyper-parameters,
     ``model.safetensors`` the weights. ``overrides`` change hyper-parameters that do not affect the
-    weights (e.g. ``target``); the backbone sizes are checked when the head is installed."""
+    weights (e.g. ``target``). When the head is installed, the backbone's sizes and a fingerprint of
+    its weights are checked against the training backbone's; ``check_backbone=False`` skips the
+    weights check (for a backbone known to be equivalent)."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
@@ -41,10 +43,12 @@ def load_head(folder: str | Path, **overrides: Any) -> LearnedHead:
     if "keep" in overrides and HEADS[method].adaptive and not HEADS[method].accepts_keep:
         raise ValueError(f"{folder}: {method} heads choose their kept count per instance; "
                          "they take no `keep` (their training target sets the mean)")
+    check_backbone = bool(overrides.pop("check_backbone", True))
     hparams = {**config["hparams"], **overrides}
     head = HEADS[method](**hparams)
     head.load_weights(folder)
     head.lora = load_adapter(folder)
     head.backbone = dict(config.get("backbone") or {})
+    head.check_backbone = check_backbone
     head.eval()
     return head

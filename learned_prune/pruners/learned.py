@@ -36,6 +36,35 @@ def backbone_signature(adapter: Any) -> dict[str, Any]:
     }
 
 
+FINGERPRINT_TENSORS = 8  # parameters sampled, evenly spaced over the model's parameter list
+FINGERPRINT_VALUES = 8  # values sampled from each
+
+
+@torch.no_grad()
+def backbone_fingerprint(model: nn.Module) -> list[float] | None:
+    """A few weight values of ``model`` (evenly spaced parameters, evenly spaced entries of each),
+    recorded at export and compared at install, so a head notices a backbone of the right sizes but
+    other weights (e.g. a retrained one). LoRA weights are left out; None when the weights are
+    partitioned (DeepSpeed ZeRO-3), where nothing can be read cheaply."""
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    if not params or any(p.numel() == 0 for p in params):
+        return None
+    pick = torch.linspace(0, len(params) - 1, FINGERPRINT_TENSORS).round().long().unique().tolist()
+    values: list[float] = []
+    for i in pick:
+        flat = params[i].detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, FINGERPRINT_VALUES, device=flat.device).round().long()
+        values += [round(float(v), 6) for v in flat[idx].float().cpu()]
+    return values
+
+
+def fingerprints_match(a: list[float], b: list[float]) -> bool:
+    """Equal within bf16/fp16 rounding (a head trained in bf16 loads on the same weights in fp32)."""
+    if len(a) != len(b):
+        return False
+    return bool(torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-2, atol=1e-4))
+
+
 class LearnedHead(nn.Module):
     """Base of learned heads. Subclasses set ``method`` and implement ``sites``, ``select``,
     ``budget_loss`` and ``hparams`` (the constructor arguments to save)."""
@@ -50,6 +79,7 @@ class LearnedHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone: dict[str, Any] = {}  # signature of the backbone the head was built for
+        self.check_backbone = True  # refuse a backbone whose weights differ from the training one
         self.lora: tuple[Any, dict[str, torch.Tensor]] | None = None  # (LoraSettings, weights) of a loaded head
         self._lora_attached = False
 
@@ -76,8 +106,23 @@ class LearnedHead(nn.Module):
                     f"this {self.method} head was trained on {name} ({want}) but the model has {got}; "
                     "load it on the backbone it was trained for, or train a head for this one"
                 )
+            self._check_fingerprint(adapter)
         else:
-            self.backbone = have
+            self.backbone = {**have, "fingerprint": backbone_fingerprint(adapter.model)}
+
+    def _check_fingerprint(self, adapter: Any) -> None:
+        want = self.backbone.get("fingerprint")
+        if not want or not self.check_backbone:
+            return
+        have = backbone_fingerprint(adapter.model)
+        if have is not None and not fingerprints_match(want, have):
+            name = self.backbone.get("name_or_path", "its training backbone")
+            raise ValueError(
+                f"this {self.method} head was trained on {name}, but this model's weights differ from that "
+                "backbone's (same sizes, other weights: e.g. a retrained or fine-tuned backbone), so its "
+                "selections would mean nothing here. Load the backbone it was trained on, train a head for "
+                "this one, or pass check_backbone=False to load_pruner(...) to install it anyway"
+            )
 
     def attach(self, adapter: Any) -> None:
         """Install the head's LoRA adapters (if it was exported with some) for one ``with`` block."""
