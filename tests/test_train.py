@@ -171,3 +171,32 @@ def test_the_shuffle_is_the_one_of_a_seeded_dataloader_in_every_epoch():
     sampler.skip = 20
     assert [int(i) for b in ours for i in b] == want[1][20:]  # once: the next epoch starts at the top again
     assert [int(i) for b in ours for i in b] == want[1]
+
+
+def test_no_step_limit_gives_a_schedule_over_the_epochs_not_a_zero_learning_rate(tmp_path):
+    import pytorch_lightning as pl
+
+    from learned_prune.run import build
+
+    class RecordLR(pl.Callback):
+        lrs: list = []
+
+        def on_train_batch_start(self, trainer, *args):
+            self.lrs.append(max(g["lr"] for g in trainer.optimizers[0].param_groups))
+
+    parts = build(_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", "data.train_size=32"))
+    trainer, record = parts["trainer"], RecordLR()
+    trainer.callbacks.append(record)
+    trainer.fit(parts["module"], datamodule=parts["datamodule"])
+    assert trainer.global_step == 8  # 32 samples / batch 4, one epoch
+    assert all(lr > 0 for lr in record.lrs[:7]), record.lrs  # a schedule over 8 steps, not over "-1"
+
+
+def test_no_limit_at_all_fails_before_training_with_what_to_set(tmp_path):
+    import pytest
+
+    from learned_prune.run import build
+
+    parts = build(_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=-1"))
+    with pytest.raises(ValueError, match="trainer.max_steps=N"):
+        parts["trainer"].fit(parts["module"], datamodule=parts["datamodule"])

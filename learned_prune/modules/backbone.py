@@ -47,7 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..data.draw import SHAPES
 from ..data.shapes import COLOR_NAMES, RELATIONS, SIZE_NAMES
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
-from .schedule import warmup_cosine_factor
+from .schedule import schedule_length, warmup_cosine_factor
 
 
 class BackboneModule(pl.LightningModule):
@@ -266,7 +266,7 @@ class BackboneModule(pl.LightningModule):
         warm-up + cosine at ``lr`` to the end.
         """
         hp = self.hparams
-        total = hp.max_steps or self.trainer.estimated_stepping_batches
+        total = schedule_length(hp.max_steps, self.trainer)
         tower_ids = {id(p) for p in [*self.model.model.vision_tower.parameters(), *self.patch_probe.parameters()]}
         groups = []
         for is_tower in (True, False):

@@ -32,7 +32,7 @@ from ..engine import Engine
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..pruners.learned import LearnedHead
 from ..pruners.lora import LoraSettings, add_lora, lora_disabled, lora_state_dict
-from .schedule import warmup_cosine
+from .schedule import schedule_length, warmup_cosine
 
 
 def _plain_hparams(hparams: Any) -> None:
@@ -170,7 +170,7 @@ class LearnedPrunerModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.hparams.max_steps or self.trainer.estimated_stepping_batches
+        total = schedule_length(self.hparams.max_steps, self.trainer)
         sched = warmup_cosine(opt, total, self.hparams.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
