@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Compose, PrunerBase
+from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
@@ -34,6 +35,7 @@ PRUNERS: dict[str, type] = {
     "aim_merge": AIMMerge,
     "sparsevlm": SparseVLM,
     "transprune": TransPrune,
+    "cdpruner": CDPruner,
 }
 
 
