@@ -1,126 +1,204 @@
 """SparseVLM: text-guided visual-token sparsification with recycling (Zhang et al., ICML 2025, arXiv 2410.04417).
 
-"SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference";
-code Gumpest/SparseVLMs (v1.5 schedule in ``score.py``).
+"SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference"; code
+Gumpest/SparseVLMs, main branch with its default ``USE_VERSION=1_0`` (the same selection as its
+``v1.5`` branch): ``LlamaDynamicvitModel.forward`` in ``modelling_sparse_llama.py``, the schedule
+and top-k in ``score.py``, DPC-kNN in ``utils.cluster_and_merge``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.state import PruneState, Selection
-from .base import Pruner
-from .schedule import scale_layers, stage_counts
+from ..engine.sequence import Sequence
+from ..engine.state import LayerTrace, PruneState, Selection
+from .base import Pruner, resolve_keep
+from .schedule import scale_layers
 
-# v1.5 per-stage counts of 576 for the "192 / 128 / 64 average tokens" settings (layers 2/6/15)
-SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+_KEY = "sparsevlm_raters"
+# score.py (USE_VERSION=1_0): top-k counts at layers 2/6/15 of 576 visual tokens, per RETAIN_TOKN preset
+PRESETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 
 
-def dpc_knn_merge(x: torch.Tensor, n_clusters: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_size(n_deleted: int, recycle: float) -> int:
+    """Deleted tokens recycled at a stage: the top ``int(recycle * n_deleted) + 1`` by score."""
+    return int(n_deleted * recycle) + 1 if recycle > 0 and n_deleted > 0 else 0
+
+
+def n_clusters(n_pool: int) -> int:
+    """Merged tokens made from a recycling pool of ``n_pool``: ``int(n_pool / 10) + 1``."""
+    return int(n_pool / 10) + 1 if n_pool > 0 else 0
+
+
+def after_stage(n: int, k: int, recycle: float) -> int:
+    """Visual tokens leaving a stage that keeps ``k`` of ``n``: the kept ones plus the merged ones."""
+    return k + n_clusters(pool_size(n - k, recycle))
+
+
+def preset_final(schedule: tuple[int, ...], recycle: float = 0.3, n: int = 576) -> int:
+    """Visual tokens that reach the layers after the last stage when ``schedule`` runs on ``n`` tokens."""
+    for k in schedule:
+        n = after_stage(n, min(k, n - 1), recycle)
+    return n
+
+
+def dpc_knn_merge(x: torch.Tensor, n_clusters: int, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x`` (n, D) with DPC-kNN and mean-pool each cluster.
 
-    Density = exp(-mean squared distance to the k nearest neighbours); distance indicator = distance
-    to the nearest denser point; the ``n_clusters`` points with the largest density x indicator are
-    centres; every point joins its nearest centre. Returns (merged (c, D), centre indices (c,)).
+    Distances are Euclidean / sqrt(D); density = exp(-mean squared distance to the ``k`` nearest
+    rows, the row itself included; ``k`` defaults to ``n_clusters``); distance indicator = distance to
+    the nearest denser row (the largest distance for the densest); the ``n_clusters`` rows with the
+    largest density x indicator are the centres, in that order; every row joins its nearest centre and
+    a cluster's token is its members' sum / (count + 1e-6). Returns (merged (c, D), centres (c,)).
     """
-    n = x.shape[0]
-    if n <= n_clusters:
-        return x, torch.arange(n, device=x.device)
-    d = torch.cdist(x.float(), x.float()) / max(x.shape[-1], 1) ** 0.5
-    knn = d.topk(min(k + 1, n), largest=False).values[:, 1:]
-    density = torch.exp(-(knn**2).mean(1)) + torch.rand(n, generator=torch.Generator().manual_seed(0)) * 1e-6
-    denser = density[None, :] > density[:, None]
-    delta = torch.where(denser, d, torch.full_like(d, float("inf"))).amin(1)
-    delta = torch.where(torch.isinf(delta), d.max(), delta)
-    centres = (density * delta).topk(n_clusters).indices
-    assign = d[:, centres].argmin(1)
-    assign[centres] = torch.arange(n_clusters)
-    merged = torch.zeros(n_clusters, x.shape[-1], dtype=x.dtype, device=x.device)
-    merged.index_add_(0, assign, x)
-    merged = merged / torch.bincount(assign, minlength=n_clusters).clamp_min(1)[:, None].to(x.dtype)
-    return merged, centres
+    n, c = x.shape[0], n_clusters
+    xf = x.float()
+    d = torch.cdist(xf[None], xf[None])[0] / x.shape[-1] ** 0.5
+    knn = d.topk(min(k or c, n), dim=-1, largest=False).values
+    density = torch.exp(-(knn**2).mean(-1))
+    denser = density[None, :] > density[:, None]  # [i, j]: row j is denser than row i
+    delta = torch.where(denser, d, d.max()).amin(-1)
+    centres = (delta * density).topk(c).indices
+    assign = d[centres].argmin(0)
+    assign[centres] = torch.arange(c, device=x.device)
+    merged = torch.zeros(c, x.shape[-1], device=x.device).index_add_(0, assign, xf)
+    count = torch.zeros(c, device=x.device).index_add_(0, assign, torch.ones(n, device=x.device))
+    return (merged / (count[:, None] + 1e-6)).to(x.dtype), centres
 
 
 @dataclass
 class SparseVLM(Pruner):
-    """At layers 2/6/15 (scaled by depth) keep the visual tokens most attended by text *raters*, and
-    recycle the best deleted ones into merged tokens.
+    """Progressive pruning by the attention of text *raters*, with the best deleted tokens recycled.
 
-    As the official code: raters are the instruction tokens whose mean relevance to the visual tokens,
-    ``softmax(V T^T, over text).mean(over visual)``, is above average; a visual token's score is the
-    head- and rater-mean attention it receives at layer K-1. Of the tokens deleted at a stage, the top
-    ``recycle`` (30%) by score are clustered with DPC-kNN into ``n // 10 + 1`` merged tokens. Stage
-    counts follow the v1.5 schedule of the nearest preset, scaled so that ``keep`` tokens reach the
-    layers after the last stage (the project's budget rule); recycled tokens count in the budget.
-    Original RoPE positions are kept (v2.0). Departures: only the rater rows of attention are
-    computed (the official SDPA path materialises full attention matrices, +23% peak memory); merged
-    tokens sit in the slot of their cluster centre.
+    Raters are chosen once, from the input embeddings: with V the visual and T the text embeddings
+    after the image (the prompt's tail, template included), ``m = softmax(V T^T over text).mean(over
+    visual)``, unscaled; the text tokens with ``m`` above its mean over the text are raters. At each
+    official layer l of ``layers`` (2/6/15 of 32) a visual token's score is layer l's own softmax
+    attention from the raters, averaged over heads and raters; the top ``k`` visual tokens stay, and of
+    the deleted ones the top ``int(0.3 d) + 1`` by score (``recycle``) are clustered with DPC-kNN
+    (:func:`dpc_knn_merge`) into ``int(pool / 10) + 1`` tokens, placed after the kept visual tokens.
+    Layer l's output is pruned, so the engine site is ``llm:l+1`` (with ``layer="previous"``):
+    ``llm:3/7/16`` on any LLM deeper than 16 layers. Positions are re-packed
+    (``repack_positions=True``), as in this code version (v2.0 keeps them and turns merging off).
+    Merged tokens are ordinary visual tokens at later stages.
+
+    Counts: ``score.py`` gives a preset's top-k counts (192: 300/200/110, 128: 303/110/36, 96:
+    238/48/26, 64: 66/30/17), each capped at ``n - 1``; merged tokens come on top, so on 576 tokens the
+    presets leave 113/39/27/18 visual tokens after the last stage. Under the project's budget rule
+    (``keep`` = visual tokens reaching the layers after the last stage) the preset is the one whose
+    final fraction is nearest to ``keep / n`` (or ``preset``); earlier stages keep its counts times
+    ``keep / final``; the last stage keeps the largest ``k`` whose kept + merged tokens do not exceed
+    ``keep`` (exactly ``keep`` whenever it is reachable). At ``keep`` = a preset's final count on 576
+    tokens every stage equals the official one.
+
+    Departures: rater rows of attention are rebuilt from q/k (SDPA stays on; the official code
+    materialises full attention matrices); arithmetic in float32; DPC-kNN density has no random
+    1e-6 noise (ties: neither row is denser); samples of a batch are handled one by one (the
+    official code assumes one). A stage whose count reaches all current tokens keeps them all instead
+    of ``n - 1`` (so that ``keep=1.0`` is the unpruned model, an engine invariant). Where the official
+    code has no answer: LLMs of at most 16 layers get the sites ``l + 1`` scaled by depth (4 layers:
+    ``llm:1/2/3``; 8: ``llm:1/2/4``); no rater above the mean (all text tokens rate); no text after the
+    image (the last token rates); a budget below the merged tokens of an all-deleting last stage keeps
+    ``keep - 1`` tokens and one cluster; LLaVA-NeXT (the official code assumes LLaVA-1.5's 576 tokens):
+    every image token, row-end newlines included, is a visual token.
     """
 
     layers: tuple[int, ...] = (2, 6, 15)
     recycle: float = 0.3
+    preset: int | None = None
+    repack_positions: bool | None = field(default=True, kw_only=True)
 
     def _layers(self, adapter) -> list[int]:
-        return scale_layers(adapter.num_layers, self.layers)
+        sites = [l + 1 for l in self.layers]
+        return sites if max(sites) < adapter.num_layers else scale_layers(adapter.num_layers, sites)
 
     def sites(self, adapter) -> list[str]:
         return [f"llm:{k}" for k in self._layers(adapter)]
 
+    def observe_layers(self, adapter) -> list[int]:
+        return [0]
+
     def prepare(self, adapter) -> None:
+        if len(self.layers) != 3:
+            raise ValueError(f"SparseVLM layers={self.layers}: the schedule has 3 stages")
         self._layers(adapter)
         if not 0 <= self.recycle < 1:
             raise ValueError(f"SparseVLM recycle={self.recycle}: must lie in [0, 1)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"SparseVLM preset={self.preset}: choose one of {sorted(PRESETS)}")
 
-    def _shape(self, n_visual: torch.Tensor) -> tuple[int, ...]:
-        ratio = float(resolve_ratio(self.keep, n_visual))
-        preset = min(SCHEDULES, key=lambda p: abs(SCHEDULES[p][-1] / 576 - ratio))
-        return SCHEDULES[preset]
+    def observe(self, layer: int, trace: LayerTrace, seq: Sequence) -> None:
+        """Layer 0: choose the raters from the embeddings (``trace.h_in``) and keep them in ``seq.extras``."""
+        text = seq.instruction_mask()
+        vpos, vvalid = seq.visual_positions()
+        h = trace.h_in.float()
+        v = torch.gather(h, 1, vpos[..., None].expand(*vpos.shape, h.shape[-1]))
+        logits = v @ h.transpose(1, 2)  # (B, Nv, L), unscaled
+        rel = logits.masked_fill(~text[:, None], float("-inf")).softmax(-1).nan_to_num(0)
+        rel = (rel * vvalid[..., None]).sum(1) / vvalid.sum(1, keepdim=True).clamp_min(1)
+        mean = rel.sum(1, keepdim=True) / text.sum(1, keepdim=True).clamp_min(1)
+        raters = text & (rel > mean)
+        seq.extras[_KEY] = torch.where(raters.any(1, keepdim=True), raters, text)
 
     def raters(self, state: PruneState) -> torch.Tensor:
-        """(B, L) bool: instruction tokens whose relevance to the visual tokens is above average."""
-        text = state.instruction_mask
-        h = state.hidden.float()
-        vis = state.visual_hidden.float()
-        logits = vis @ h.transpose(1, 2) / h.shape[-1] ** 0.5  # (B, Nv, L)
-        logits = logits.masked_fill(~text[:, None, :], float("-inf"))
-        rel = logits.softmax(-1).nan_to_num(0)
-        rel = (rel * state.visual_valid[..., None]).sum(1) / state.visual_valid.sum(1, keepdim=True).clamp_min(1)
-        mean = rel.sum(1, keepdim=True) / text.sum(1, keepdim=True).clamp_min(1)
-        chosen = text & (rel > mean)
-        return torch.where(chosen.any(1, keepdim=True), chosen, text)
+        """(B, L) bool: the rater tokens in the current sequence (chosen at layer 0)."""
+        if _KEY not in state.seq.extras:
+            raise RuntimeError("SparseVLM raters are chosen while layer 0 runs; run the model inside the pruner")
+        return state.seq.extras[_KEY] & state.valid
+
+    def stage_counts(self, keep: int, n_orig: int, n: int, stage: int) -> tuple[int, int]:
+        """(top-k count, merged-token cap) of one sample at ``stage`` with ``n`` current visual tokens."""
+        if self.preset is not None:
+            schedule = PRESETS[self.preset]
+        else:
+            schedule = min(PRESETS.values(), key=lambda s: abs(preset_final(s, self.recycle) / 576 - keep / n_orig))
+        if stage < len(schedule) - 1:
+            k = max(1, round(schedule[stage] * keep / preset_final(schedule, self.recycle)))
+            return (n, 0) if k >= n else (k, n)
+        if keep >= n:
+            return n, 0
+        for k in range(min(keep, n - 1), -1, -1):
+            if after_stage(n, k, self.recycle) <= keep:
+                return k, n
+        return keep - 1, 1
 
     def select(self, state: PruneState) -> Selection:
-        adapter = state.engine.adapter
-        layers = self._layers(adapter)
-        stage = layers.index(state.layer)
-        counts = stage_counts(self.keep, state.n_visual_original, self._shape(state.n_visual_original))
-        k = counts[stage].clamp(max=state.n_visual)
-        score = state.attention(self.raters(state), layer="previous").float()
-        score = score.masked_fill(~state.visual_valid, float("-inf"))
-        B = score.shape[0]
+        stage = self._layers(state.engine.adapter).index(state.layer)
+        keep = resolve_keep(self.keep, state.n_visual_original)
+        queries = self.raters(state)
+        if not bool(queries.any(1).all()):  # no text after the image: the last prompt token rates
+            idx = torch.arange(queries.shape[1], device=queries.device).expand_as(queries)
+            last = idx == torch.where(state.seq.prompt_valid, idx, -1).amax(1, keepdim=True)
+            queries = torch.where(queries.any(1, keepdim=True), queries, last)
+        score = state.attention(queries, layer="previous").float()
         hidden = state.visual_hidden
-        kmax = int(k.max())
-        index = torch.full((B, kmax), -1, dtype=torch.long, device=score.device)
-        values = hidden.new_zeros(B, kmax, hidden.shape[-1])
-        for b in range(B):
-            n, kb = int(state.n_visual[b]), int(k[b])
-            order = score[b, :n].argsort(descending=True)
-            deleted = order[kb:]
-            n_rec = int(self.recycle * deleted.numel()) if self.recycle > 0 else 0
-            n_merge = min(n_rec // 10 + 1, kb - 1) if n_rec > 0 else 0
-            keep = order[: kb - n_merge]
-            slots, vals = [keep], [hidden[b, keep]]
-            if n_merge > 0:
-                pool = deleted[:n_rec]
-                merged, centres = dpc_knn_merge(hidden[b, pool], n_merge)
-                slots.append(pool[centres])
-                vals.append(merged)
-            s, v = torch.cat(slots), torch.cat(vals)
-            index[b, : s.numel()], values[b, : s.numel()] = s, v
-        return Selection(indices=index, values=values)
-
-
-def resolve_ratio(keep: int | float, n_visual: torch.Tensor) -> float:
-    return keep if isinstance(keep, float) else keep / max(int(n_visual.max()), 1)
+        slots, values = [], []
+        for b in range(score.shape[0]):
+            n = int(state.n_visual[b])
+            k, cap = self.stage_counts(int(keep[b]), int(state.n_visual_original[b]), n, stage)
+            if k >= n:
+                slots.append(torch.arange(n, device=score.device))
+                values.append(hidden[b, :n])
+                continue
+            s = score[b, :n]
+            kept = s.topk(k).indices.sort().values
+            deleted = torch.ones(n, dtype=torch.bool, device=s.device)
+            deleted[kept] = False
+            deleted = deleted.nonzero()[:, 0]
+            pool = deleted[s[deleted].topk(pool_size(deleted.numel(), self.recycle)).indices]
+            c = min(n_clusters(pool.numel()), cap)
+            parts = [hidden[b, kept]]
+            if c > 0:
+                parts.append(dpc_knn_merge(hidden[b, pool], c)[0])
+            # merged tokens go after the kept ones: they take the c last slots of the kept + free ones
+            slot = torch.cat([kept, deleted[deleted.numel() - c :]]).sort().values
+            slots.append(slot)
+            values.append(torch.cat(parts))
+        kmax = max(s.numel() for s in slots)
+        index = torch.full((len(slots), kmax), -1, dtype=torch.long, device=score.device)
+        out = hidden.new_zeros(len(slots), kmax, hidden.shape[-1])
+        for b, (s, v) in enumerate(zip(slots, values)):
+            index[b, : s.numel()], out[b, : s.numel()] = s, v
+        return Selection(indices=index, values=out)
