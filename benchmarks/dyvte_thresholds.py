@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learned_prune import load_backbone, load_pruner  # noqa: E402
-from learned_prune.data.datamodule import ShapesVQADataModule  # noqa: E402
+from learned_prune.testbed import ShapesVQADataModule  # noqa: E402
 from learned_prune.evaluation.flops import llm_layer_flops  # noqa: E402
 from learned_prune.evaluation.vqa import greedy_answers, normalize_answer  # noqa: E402
 from learned_prune.pruners.dyvte import DyVTEHead, VisualExit, _drop_visual, router_features  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learned_prune import load_backbone  # noqa: E402
-from learned_prune.data.datamodule import ShapesVQADataModule  # noqa: E402
+from learned_prune.testbed import ShapesVQADataModule  # noqa: E402
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from .backbones import load_backbone, tiny_llava
 from .engine import Engine, PruneState, Selection
 from .pruners import PRUNERS, Compose, load_pruner, register_pruner
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "PRUNERS", "Compose", "Engine", "PruneState", "Selection", "load_backbone", "load_pruner",

@@ -18,7 +18,7 @@ def test_exit_tables_predict_the_heads_own_exits_and_answers():
     import dyvte_thresholds as dt
 
     from learned_prune import load_backbone
-    from learned_prune.data.datamodule import ShapesVQADataModule
+    from learned_prune.testbed import ShapesVQADataModule
     from learned_prune.evaluation.vqa import greedy_answers, normalize_answer
     from learned_prune.pruners.dyvte import DyVTEHead
 

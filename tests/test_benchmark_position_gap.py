@@ -17,7 +17,7 @@ def test_gap_zero_is_the_plain_forward_and_the_uniform_control_passes(tmp_path):
     import position_gap
 
     from learned_prune import load_backbone
-    from learned_prune.data.datamodule import ShapesVQADataModule
+    from learned_prune.testbed import ShapesVQADataModule
 
     out = tmp_path / "gaps.jsonl"
     records = position_gap.main(["--backbone", str(SHAPES), "--samples", "24", "--gaps=0,-3", "--json", str(out)])

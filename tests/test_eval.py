@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from learned_prune.data import ShapesVQADataModule
+from learned_prune.testbed import ShapesVQADataModule
 from learned_prune.evaluation import AnswerAccuracy, normalize_answer
 from learned_prune.evaluation.grid import run_grid
 from learned_prune.evaluation.measure import analytic_flops

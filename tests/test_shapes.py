@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from learned_prune.data import QUESTION_TYPES, VOCAB, ShapesVQADataModule, ShapesVQADataset, VQACollator
-from learned_prune.data.shapes import COLOR_NAMES, NUMBERS, SHAPES, SIZE_NAMES, plural
+from learned_prune.data import VQACollator
+from learned_prune.testbed import QUESTION_TYPES, VOCAB, ShapesVQADataModule, ShapesVQADataset
+from learned_prune.testbed.scenes import COLOR_NAMES, NUMBERS, SHAPES, SIZE_NAMES, plural
 
 from conftest import get_tiny
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from learned_prune import load_backbone, load_pruner
-from learned_prune.data import ShapesVQADataModule
+from learned_prune.testbed import ShapesVQADataModule
 from learned_prune.evaluation.vqa import greedy_answers
 
 ROOT = Path(__file__).resolve().parents[1]

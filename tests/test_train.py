@@ -45,7 +45,7 @@ def test_seeded_runs_are_reproducible(tmp_path):
 
 def test_position_jitter_moves_the_question_and_never_overlaps_the_image():
     from learned_prune import tiny_llava
-    from learned_prune.modules import BackboneModule
+    from learned_prune.testbed import BackboneModule
 
     model, processor = tiny_llava("llava", seed=0)
     image = model.config.image_token_id
@@ -74,8 +74,8 @@ def test_backbone_trains_with_position_jitter(tmp_path):
 
 def test_relation_readout_teaches_the_relation_only_on_position_questions():
     from learned_prune import tiny_llava
-    from learned_prune.data import ShapesVQADataset, VQACollator
-    from learned_prune.modules import BackboneModule
+    from learned_prune.data import VQACollator
+    from learned_prune.testbed import BackboneModule, ShapesVQADataset
 
     model, processor = tiny_llava("llava", text_layers=4, seed=0)
     ds = ShapesVQADataset("val", size=64, question_weights={"position": 1.0, "color": 1.0})
@@ -101,7 +101,7 @@ def test_plain_ddp_with_a_tower_stage_fails_early_with_the_strategy_to_use():
     import pytest
     from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-    from learned_prune.modules.backbone import check_ddp_allows_the_tower_stage
+    from learned_prune.testbed.recipe import check_ddp_allows_the_tower_stage
 
     with pytest.raises(ValueError, match="trainer.strategy=ddp_find_unused_parameters_true"):
         check_ddp_allows_the_tower_stage(DDPStrategy(), tower_steps=1000)
@@ -157,7 +157,7 @@ def test_a_resumed_run_goes_on_with_the_samples_the_crashed_one_had_not_trained_
 def test_the_shuffle_is_the_one_of_a_seeded_dataloader_in_every_epoch():
     from torch.utils.data import DataLoader
 
-    from learned_prune.data.datamodule import ResumableShuffle
+    from learned_prune.data import ResumableShuffle
 
     n = 103
     plain = DataLoader(list(range(n)), batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from learned_prune.data.vqa_files import VQABenchmarkDataModule
 from learned_prune.evaluation.grid import run_grid
-from learned_prune.evaluation.vqa_benchmarks import (
+from learned_prune.data.vqa_metrics import (
     BenchmarkAccuracy, gqa_correct, pope_answer, pope_metrics, scienceqa_letter, vqa_accuracy, vqa_normalize,
 )
 

@@ -33,7 +33,7 @@ FAMILIES = ("llava", "llava_next")
 
 def _default_vocab() -> list[str]:
     try:  # the testbed vocabulary, when the data package is present
-        from ..data.shapes import VOCAB
+        from ..testbed.scenes import VOCAB
     except ImportError:  # pragma: no cover - data package is part of the distribution
         return []
     return list(VOCAB)

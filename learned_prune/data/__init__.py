@@ -1,10 +1,7 @@
-"""LightningDataModules and collators (the lowest layer: imports nothing else of the package)."""
+"""Data modules, collators and benchmark metrics for real data (the lowest layer: imports nothing else
+of the package). The embedded ShapesVQA testbed lives in :mod:`learned_prune.testbed`."""
 
 from .collate import VQACollator
-from .datamodule import ShapesVQADataModule
-from .shapes import COLOR_NAMES, N_PATCH_CLASSES, QUESTION_TYPES, SHAPES, SIZE_NAMES, VOCAB, ShapesVQADataset
+from .sampling import ResumableShuffle
 
-__all__ = [
-    "COLOR_NAMES", "N_PATCH_CLASSES", "QUESTION_TYPES", "SHAPES", "SIZE_NAMES", "VOCAB",
-    "ShapesVQADataModule", "ShapesVQADataset", "VQACollator",
-]
+__all__ = ["ResumableShuffle", "VQACollator"]

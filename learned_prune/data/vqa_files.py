@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..evaluation.vqa_benchmarks import BENCHMARKS, BenchmarkAccuracy
+from .vqa_metrics import BENCHMARKS, BenchmarkAccuracy
 from .collate import VQACollator
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."

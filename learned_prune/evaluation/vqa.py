@@ -18,19 +18,16 @@ def normalize_answer(text: str) -> str:
 class AnswerAccuracy(Metric):
     """Exact-match accuracy after :func:`normalize_answer`, overall and per question type.
 
-    Question types are learned as they appear; ``compute_all()`` gives ``{"acc": ..., "acc_<type>": ...}``.
-    Synchronises across processes (counts are summed per type index of a fixed ``types`` list when given).
+    ``types`` (the data module's question types; none: overall accuracy only) fix the per-type slots;
+    ``compute_all()`` gives ``{"acc": ..., "acc_<type>": ...}``. Synchronises across processes (counts
+    are summed per type slot).
     """
 
     full_state_update = False
 
     def __init__(self, types: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if types is None:
-            from ..data.shapes import QUESTION_TYPES
-
-            types = QUESTION_TYPES
-        self.types = list(types)
+        self.types = list(types or [])
         n = len(self.types) + 1  # last slot: types not in the list
         self.add_state("correct", default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")

@@ -1,10 +1,9 @@
-"""LightningModules: backbone pretraining and one per learned pruning method."""
+"""LightningModules: one per learned pruning method (the testbed backbone's recipe is in ``learned_prune.testbed``)."""
 
 from .atp import ATPModule
 from .bavit import BAViTModule
 from .dyvte import DyVTEModule
-from .backbone import BackboneModule
 from .learned import LearnedPrunerModule
 from .lvpruning import LVPruningModule
 
-__all__ = ["ATPModule", "BAViTModule", "BackboneModule", "DyVTEModule", "LearnedPrunerModule", "LVPruningModule"]
+__all__ = ["ATPModule", "BAViTModule", "DyVTEModule", "LearnedPrunerModule", "LVPruningModule"]

@@ -78,6 +78,12 @@ class LearnedPrunerModule(pl.LightningModule):
         self.val_acc, self.test_acc = AnswerAccuracy(), AnswerAccuracy()
         self.val_kept, self.test_kept = MeanMetric(), MeanMetric()
 
+    def setup(self, stage: str) -> None:
+        """Score answers with the data module's own metric (e.g. per question type), when it has one."""
+        make = getattr(getattr(self.trainer, "datamodule", None), "metric", None)
+        if callable(make):
+            self.val_acc, self.test_acc = make(), make()
+
     # ---- the frozen backbone stays frozen and out of checkpoints ---------------------------------
     def train(self, mode: bool = True) -> "LearnedPrunerModule":
         super().train(mode)
@@ -136,7 +142,7 @@ class LearnedPrunerModule(pl.LightningModule):
     def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
         with Engine(self.model, [self.head], mode="hard") as engine:
             answers = greedy_answers(self.model, self.processor, batch)
-        acc.update(answers, batch["answers"], batch.get("qtypes"))
+        acc.update(answers, batch.get("golds", batch["answers"]), batch.get("qtypes"))
         _, logs = self.head.budget_loss()
         bs = len(answers)
         for k, v in logs.items():

@@ -160,7 +160,7 @@ class LearnedHead(nn.Module):
     def save_pretrained(self, folder: str | Path, extra: dict[str, Any] | None = None,
                         lora: tuple[Any, dict[str, torch.Tensor]] | None = None) -> Path:
         """Write the head folder; ``lora=(settings, weights)`` adds peft-style adapter files."""
-        from .. import __version__
+        from ..version import __version__
         from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 
         folder = Path(folder)

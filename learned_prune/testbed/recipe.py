@@ -44,10 +44,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..data.draw import SHAPES
-from ..data.shapes import COLOR_NAMES, RELATIONS, SIZE_NAMES
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
-from .schedule import schedule_length, warmup_cosine_factor
+from ..modules.schedule import schedule_length, warmup_cosine_factor
+from .draw import SHAPES
+from .scenes import COLOR_NAMES, QUESTION_TYPES, RELATIONS, SIZE_NAMES
 
 
 class BackboneModule(pl.LightningModule):
@@ -90,9 +90,9 @@ class BackboneModule(pl.LightningModule):
             self.offset_probe = nn.Linear(tdim, 1)
         if sincos_positions:
             sincos_position_init(model.model.vision_tower)
-        self.train_acc = AnswerAccuracy()
-        self.val_acc = AnswerAccuracy()
-        self.test_acc = AnswerAccuracy()
+        self.train_acc = AnswerAccuracy(QUESTION_TYPES)
+        self.val_acc = AnswerAccuracy(QUESTION_TYPES)
+        self.test_acc = AnswerAccuracy(QUESTION_TYPES)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:

@@ -3,7 +3,8 @@
 Each rule follows the evaluation code the LLaVA-1.5 paper reports with (the rule's source is
 named in its docstring), so numbers from ``python eval.py data=vqa`` are comparable with the
 papers' tables. :class:`BenchmarkAccuracy` wraps them as a torchmetrics ``Metric`` with the same
-interface as :class:`~learned_prune.evaluation.vqa.AnswerAccuracy`.
+interface as :class:`~learned_prune.evaluation.vqa.AnswerAccuracy`; a data module hands it to the
+evaluation through its ``metric()``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,15 @@
+"""The embedded testbed: ShapesVQA scenes and questions, its data module, its vocabulary and the
+recipe that trains the tiny backbone shipped in ``checkpoints/tiny-llava-shapes`` (``module=backbone``).
+
+Everything specific to the synthetic testbed lives here, above the rest of the package: the engine,
+pruners, modules and evaluation know nothing of it.
+"""
+
+from .datamodule import ShapesVQADataModule
+from .recipe import BackboneModule
+from .scenes import COLOR_NAMES, N_PATCH_CLASSES, QUESTION_TYPES, SHAPES, SIZE_NAMES, VOCAB, ShapesVQADataset
+
+__all__ = [
+    "BackboneModule", "COLOR_NAMES", "N_PATCH_CLASSES", "QUESTION_TYPES", "SHAPES", "SIZE_NAMES", "VOCAB",
+    "ShapesVQADataModule", "ShapesVQADataset",
+]
