@@ -20,7 +20,7 @@ from conftest import make_batch, positions_from_mask
 from helpers import gather_rows, record_selections, reference_logits
 
 PRUNERS = sorted(n for n in REGISTRY if n != "none")
-SELECTING = ["random", "fastv", "fastervlm", "divprune", "dart", "vtc_cls", "pyramiddrop", "transprune"]
+SELECTING = ["random", "fastv", "fastervlm", "divprune", "dart", "vtc_cls", "pyramiddrop", "transprune", "cdpruner"]
 NO_KEEP_ALL = {"visionzip"}  # always merges contextual tokens and inserts [CLS]
 ATOL = 2e-4
 
