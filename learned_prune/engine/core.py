@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .adapter import LlavaAdapter
 from .sites import _Group, _Run, parse_site
-from .sequence import Sequence, build_mask, compact_index
+from .sequence import Sequence, build_mask, compact_index, mask_kind
 from .state import LayerTrace, PruneState, Selection
 
 MODES = ("hard", "soft")
@@ -84,6 +84,7 @@ class Engine:
     # ---- install / remove ----------------------------------------------------------------
     def __enter__(self) -> "Engine":
         a = self.adapter
+        mask_kind(a.lm.config._attn_implementation, self.mode)  # refuse an attention the engine cannot mask
         if "forward" in a.lm.__dict__:
             raise RuntimeError(
                 "a pruner is already installed on this model; compose several with load_pruner([...]) instead of nesting"
@@ -267,7 +268,8 @@ class Engine:
         group = _Group(valid=seq.valid, logmask=None, offset=zeros, next_pos=zeros)
         run = _Run(cache=weakref.ref(cache) if cache is not None else None, groups=[group])
         rope = lm.rotary_emb(embeds, seq.pos)
-        mask = build_mask(seq.valid, None, q, embeds.dtype)
+        kind = mask_kind(lm.config._attn_implementation, self.mode)  # the mask this attention takes
+        mask = build_mask(seq.valid, None, q, embeds.dtype, kind)
         self._captured_keys.clear()
         self._captured_branch.clear()
         for i, layer in enumerate(lm.layers):
@@ -277,7 +279,7 @@ class Engine:
                 group = _Group(valid=seq.valid, logmask=logmask, offset=offset, next_pos=zeros)
                 run.groups.append(group)
                 rope = lm.rotary_emb(seq.hidden, seq.pos)
-                mask = build_mask(seq.valid, logmask, seq.hidden.shape[1], seq.hidden.dtype)
+                mask = build_mask(seq.valid, logmask, seq.hidden.shape[1], seq.hidden.dtype, kind)
             run.layer_group.append(len(run.groups) - 1)
             seq.prev_input = seq.hidden
             seq.hidden = layer(
@@ -315,6 +317,7 @@ class Engine:
             )
         B, q = embeds.shape[:2]
         ar = torch.arange(q, device=embeds.device)[None]
+        kind = mask_kind(lm.config._attn_implementation, self.mode)
         per_group = []
         for g in run.groups:
             pos = (position_ids.to(embeds.device).expand(B, q) - g.offset[:, None]) if position_ids is not None \
@@ -323,7 +326,7 @@ class Engine:
             g.valid = torch.cat([g.valid, valid], 1)
             if g.logmask is not None:
                 g.logmask = torch.cat([g.logmask, torch.zeros_like(valid, dtype=g.logmask.dtype)], 1)
-            per_group.append((pos, lm.rotary_emb(embeds, pos), build_mask(g.valid, g.logmask, q, embeds.dtype)))
+            per_group.append((pos, lm.rotary_emb(embeds, pos), build_mask(g.valid, g.logmask, q, embeds.dtype, kind)))
         hidden = embeds
         for i, layer in enumerate(lm.layers):
             pos, rope, mask = per_group[run.layer_group[i]]

@@ -25,21 +25,26 @@ class PyramidDrop(Pruner):
     by the attention of the last instruction token.
 
     Defaults as the paper for LLaVA-1.5-7B: boundaries at 8/16/24 of 32 layers (scaled by depth),
-    ratio (lambda) 0.5. ``keep`` is the count that reaches the layers after the last boundary (the
-    project's budget rule); earlier stages keep ``keep / ratio**j`` (``keep=72`` of 576 reproduces
-    the official 288/144/72). Positions are re-packed (official: reset to ``arange``).
+    ratio (lambda) 0.5. ``keep`` is the share that reaches the layers after the last boundary (the
+    project's budget rule); stage s of n keeps ``int(N * keep / ratio**(n-1-s))`` of the N original
+    visual tokens, the official ``int(N * image_token_ratio_list[s+1])`` for ``keep = ratio**n``
+    (``keep=72`` of 576 gives the official 288/144/72; an int ``keep`` counts as ``keep / N``).
+    Positions are re-packed (official: reset to ``arange``).
 
-    The official score uses the *next* layer's input_layernorm, q_proj and k_proj (with RoPE) on the
-    hidden states at the boundary (``score_layer="current"``, last token's row only here). By
-    default (``score_layer="previous"``, a departure) it is the last token's attention in the layer
-    before the boundary, from keys captured during that layer's forward pass, as FastV scores:
-    the official choice costs an extra k_proj over the whole sequence at every stage, about 6% of
-    the pruned prefill on the CPU benchmark.
+    Scoring as the official ``pdrop_rank_drop`` (a test re-states it from eager attention
+    matrices): at a boundary before layer K, layer K's own input_layernorm, q_proj and k_proj with
+    RoPE on the hidden states entering it (``score_layer="current"``), softmax attention of the last
+    instruction (prompt) token, mean over heads, on the visual tokens; top count, original order.
+    Only that query row is projected, so SDPA stays on.
+
+    Departures (options, off by default): ``score_layer="previous"`` scores with the last token's
+    attention in the layer before the boundary, from keys captured during its forward pass (as
+    FastV scores), saving one k_proj over the whole sequence per stage.
     """
 
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
-    score_layer: str = "previous"
+    score_layer: str = "current"
     repack_positions: bool | None = field(default=True, kw_only=True)
 
     def _boundaries(self, adapter) -> list[int]:
@@ -58,10 +63,12 @@ class PyramidDrop(Pruner):
             raise ValueError(f"PyramidDrop ratio={self.ratio}: must lie in (0, 1]")
 
     def stage_counts(self, n_visual: torch.Tensor, n_stages: int) -> list[torch.Tensor]:
-        """Per-sample visual tokens kept after each boundary: ..., keep/ratio^2, keep/ratio, keep."""
-        last = resolve_keep(self.keep, n_visual)
-        counts = [(last.double() / self.ratio ** (n_stages - 1 - s)).round().long() for s in range(n_stages)]
-        return [torch.minimum(c, n_visual.long()).clamp(min=1) for c in counts]
+        """Per-sample visual tokens kept after each boundary: int(N*keep/ratio^(n-1-s)), floored as the official int()."""
+        n = n_visual.long()
+        last = n.double() * self.keep if isinstance(self.keep, float) else resolve_keep(self.keep, n).double()
+        # a hair above the floor: keep/ratio^j that is an integer in exact arithmetic must not round down
+        counts = [(last / self.ratio ** (n_stages - 1 - s) + 1e-9).floor().long() for s in range(n_stages)]
+        return [torch.minimum(c, n).clamp(min=1) for c in counts]
 
     def select(self, state: PruneState) -> Selection:
         adapter = state.engine.adapter
