@@ -8,6 +8,7 @@ hidden states the vision tower already returns to the backbone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,18 +143,106 @@ def _layer_index(state: "PruneState", layer: int) -> int:
     return layer % n
 
 
+def tile_cls_attention(state: "PruneState", layer: int = -2, heads: str = "mean") -> torch.Tensor:
+    """[CLS]->patch attention of vision encoder layer ``layer`` for every encoded tile, (T, P) float32.
+
+    ``heads``: ``"mean"`` or ``"sum"`` over the attention heads. The row is rebuilt from the layer's
+    own ``layer_norm1``, ``q_proj`` and ``k_proj`` (softmax of the scaled [CLS] query against all
+    keys), so the tower keeps its SDPA attention; it equals ``attentions[layer][:, :, 0, 1:]`` of an
+    eager run with ``output_attentions=True``.
+    """
+    key = ("tile_cls_attention", layer, heads)
+    if key not in state.cache:
+        v = _vision(state)
+        li = _layer_index(state, layer)
+        block = state.engine.adapter.vision_layers()[li]
+        x = block.layer_norm1(v["hidden_states"][li])  # the input of encoder layer li
+        attn = block.self_attn
+        T, N, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(T, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(T, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)[:, :, 0, 1:]  # (T, H, P)
+        state.cache[key] = probs.mean(1) if heads == "mean" else probs.sum(1)
+    return state.cache[key]
+
+
 def cls_attention(state: "PruneState", layer: int = -2) -> torch.Tensor:
     """[CLS]->patch attention of vision encoder layer ``layer``, head mean, per visual token (B, Nv)."""
+    probs = tile_cls_attention(state, layer)
+    return _per_token(state, probs).to(state.hidden.dtype)
+
+
+def tile_keys(state: "PruneState", layer: int = -1) -> torch.Tensor:
+    """Head-mean keys of vision encoder layer ``layer`` for every token of every tile, [CLS] first, (T, N, head_dim)."""
+    key = ("tile_keys", layer)
+    if key not in state.cache:
+        v = _vision(state)
+        li = _layer_index(state, layer)
+        block = state.engine.adapter.vision_layers()[li]
+        x = block.layer_norm1(v["hidden_states"][li])
+        attn = block.self_attn
+        T, N, _ = x.shape
+        state.cache[key] = attn.k_proj(x).view(T, N, attn.num_heads, attn.head_dim).mean(2)
+    return state.cache[key]
+
+
+def tile_hidden(state: "PruneState", layer: int | None = None) -> torch.Tensor:
+    """Vision hidden states of every tile, [CLS] first, (T, N, Dv), at hidden-state index ``layer``
+    (default: the backbone's feature layer, the one LLaVA feeds its projector)."""
     v = _vision(state)
-    li = _layer_index(state, layer)
-    block = state.engine.adapter.vision_layers()[li]
-    x = block.layer_norm1(v["hidden_states"][li])  # the input of encoder layer li
-    attn = block.self_attn
-    T, N, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(T, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(T, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-    probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)  # (T, 1, N)
-    return _per_token(state, probs[:, 0, 1:]).to(state.hidden.dtype)
+    layer = state.engine.adapter.feature_layer if layer is None else layer
+    if not isinstance(layer, int):
+        raise ValueError("tile_hidden needs a single feature layer")
+    return v["hidden_states"][layer]
+
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """One image of a sample: its tiles among the encoded ones and its tokens among the sample's visual tokens.
+
+    ``first_tile``: index of its base tile (LLaVA-NeXT: the global view; its crops follow), ``n_tiles``:
+    1 + number of crops, ``grid``: (rows, cols) of the crop tiles (None for LLaVA-1.5), ``start`` and
+    ``count``: where its tokens (patches and newline tokens) stand among the sample's visual tokens.
+    """
+
+    first_tile: int
+    n_tiles: int
+    grid: tuple[int, int] | None
+    start: int
+    count: int
+
+
+def image_tiles(state: "PruneState") -> list[list[ImageTiles]]:
+    """For each sample, its images in order (:class:`ImageTiles`), from the image sizes and grid pinpoints."""
+    if "image_tiles" not in state.cache:
+        v = _vision(state)
+        adapter = state.engine.adapter
+        P = adapter.patch_grid[0] * adapter.patch_grid[1]
+        if adapter.is_next:
+            from transformers.models.llava_next.modeling_llava_next import (
+                get_anyres_image_grid_shape,
+                image_size_to_num_patches,
+            )
+
+            pins, size = adapter.config.image_grid_pinpoints, adapter.vision_config.image_size
+            images = []
+            for s in v["image_sizes"]:
+                n = image_size_to_num_patches(image_size=s, grid_pinpoints=pins, patch_size=size)
+                grid = tuple(int(g) for g in get_anyres_image_grid_shape(s, pins, size))
+                images.append((n, grid, adapter.token_sources(n, s[None]).numel()))
+        else:
+            images = [(1, None, P)] * v["n_tiles"]
+        out: list[list[ImageTiles]] = []
+        it, tile = iter(images), 0
+        for n_b in state.n_visual_original.tolist():
+            sample, start = [], 0
+            while start < n_b:
+                n, grid, count = next(it)
+                sample.append(ImageTiles(tile, n, grid, start, count))
+                tile, start = tile + n, start + count
+            out.append(sample)
+        state.cache["image_tiles"] = out
+    return state.cache["image_tiles"]
 
 
 def vision_features(state: "PruneState", layer: int | None = None) -> torch.Tensor:
@@ -166,22 +255,5 @@ def vision_features(state: "PruneState", layer: int | None = None) -> torch.Tens
 
 
 def vision_keys(state: "PruneState", layer: int = -1) -> torch.Tensor:
-    """Head-mean keys of vision encoder layer ``layer`` per visual token, (B, Nv, head_dim)."""
-    v = _vision(state)
-    li = _layer_index(state, layer)
-    block = state.engine.adapter.vision_layers()[li]
-    x = block.layer_norm1(v["hidden_states"][li])
-    attn = block.self_attn
-    T, N, _ = x.shape
-    k = attn.k_proj(x).view(T, N, attn.num_heads, attn.head_dim).mean(2)
-    return _per_token(state, k[:, 1:])
-
-
-def cls_feature(state: "PruneState", layer: int | None = None) -> torch.Tensor:
-    """Pre-projector [CLS] feature of each sample's first image at hidden-state index ``layer``, (B, Dv)."""
-    v = _vision(state)
-    layer = state.engine.adapter.feature_layer if layer is None else layer
-    cls = v["hidden_states"][layer][:, 0]  # (n_tiles, Dv)
-    first_patch = token_patch_index(state)[:, 0].clamp_min(0)
-    P = state.engine.adapter.patch_grid[0] * state.engine.adapter.patch_grid[1]
-    return cls[first_patch // P]
+    """Head-mean keys of vision encoder layer ``layer`` per visual token, (B, Nv, head_dim); zeros for newlines."""
+    return _per_token(state, tile_keys(state, layer)[:, 1:])

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.signals import token_patch_index, cls_feature
+from ..engine.signals import image_tiles, tile_cls_attention, tile_hidden, tile_keys
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
+from .fastervlm import ordered_selection, spatial_order
 
 # The paper's splits for LLaVA-1.5 (Table 8): 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10.
 DOMINANT_FRACTION = 54 / 64
@@ -20,17 +20,30 @@ DOMINANT_FRACTION = 54 / 64
 
 @dataclass
 class VisionZip(Pruner):
-    """Keep ``dominant`` tokens by [CLS] attention (the [CLS] token itself always among them) and
-    merge the rest into ``keep - dominant`` contextual tokens, before the projector.
+    """Keep ``dominant`` tokens by [CLS] attention (the [CLS] token itself among them) and merge the
+    rest into ``keep - dominant`` contextual tokens, before the projector.
 
-    As the official code: dominant = the [CLS] token plus the top ``dominant-1`` patches by
-    head-summed [CLS] attention of the penultimate vision layer; the remaining patches are
-    L2-normalised by their last-layer keys, every ``step``-th becomes a target, every other one is
-    assigned to its most similar target, and a contextual token is ``target + mean(assigned)``.
-    The split follows the paper's ratio (54/64 dominant). Departures: the [CLS] feature takes the slot
-    of the first non-kept patch and contextual tokens sit in their target's slot, so the LLM sees
-    raster order instead of [CLS, dominant..., contextual...]; [CLS] rows are computed from q/k, so
-    SDPA stays on.
+    Per tile, as ``CLIPVisionTower_VisionZip.forward``: the dominant tokens are the [CLS] token and
+    the top ``dominant - 1`` patches by head-summed [CLS] attention of encoder layer -2, taken from
+    the hidden states LLaVA feeds its projector (``hidden_states[-2]``) in original order; the
+    other patches are L2-normalised by the head-mean keys of encoder layer -2 (the official
+    ``layers[-2].metric``), every ``step = max(1, n_rest // contextual)``-th becomes a target (the
+    first ``contextual`` of them), every other one is assigned to its most similar target, and a
+    contextual token is ``target + mean(assigned)`` (a "+", not a weighted average).
+    LLaVA-1.5: the LLM reads [CLS, dominant..., contextual...]. ``dominant=None`` takes the paper's
+    ratio (54 of 64) of the budget.
+
+    LLaVA-NeXT, as the official ``prepare_inputs_labels_for_multimodal_visionzip`` and
+    ``restore_image_features_sorted``: every tile keeps its own share, the base view as
+    [CLS, dominant..., contextual...], then the crops' dominant patches in raster order of the whole
+    crop grid (no unpadding), the crops' [CLS] tokens, and the crops' contextual tokens tile by
+    tile; no image-newline token. Here each tile's share is ``keep // n_tiles`` (``keep`` counts the
+    sample's visual tokens, newline tokens included in the count a ratio refers to), and
+    ``dominant`` is per tile.
+
+    The engine writes these tokens, in this order, into each image's first slots
+    (``Selection.values``) and re-packs positions, so the LLM reads exactly this sequence.
+    Departures: [CLS] rows and keys are rebuilt from the layer's q/k projections, so SDPA stays on.
     """
 
     site: str = "vision"
@@ -38,48 +51,84 @@ class VisionZip(Pruner):
 
     def select(self, state: PruneState) -> Selection:
         k = resolve_keep(self.keep, state.n_visual_original).clamp(max=state.n_visual)
-        feats = state.vision_features()  # (B, Nv, Dv) pre-projector, as LLaVA feeds its projector
-        attn = state.cls_attention(-2).float().masked_fill(~state.visual_valid, float("-inf"))
-        keys = F.normalize(state.vision_keys(-1).float(), dim=-1)
-        cls = cls_feature(state)
-        is_patch = _patch_tokens(state)  # LLaVA-NeXT newline tokens carry no vision features
-        B, Nv, _ = feats.shape
-        kmax = int(k.max())
-        values = feats.new_zeros(B, kmax, feats.shape[-1])
-        index = torch.full((B, kmax), -1, dtype=torch.long, device=feats.device)
-        for b in range(B):
-            n, kb = int(state.n_visual[b]), int(k[b])
-            dom = self.dominant if self.dominant is not None else max(1, round(kb * DOMINANT_FRACTION))
-            dom = min(dom, kb)
-            ctx = kb - dom
-            top = attn[b, :n].topk(max(dom - 1, 0)).indices  # [CLS] is the dominant set's first member
-            is_dom = torch.zeros(n, dtype=torch.bool, device=feats.device)
-            is_dom[top] = True
-            rest = (~is_dom & is_patch[b, :n]).nonzero()[:, 0]
-            slots, vals = [top], [feats[b, top]]
-            if ctx > 0 and rest.numel() > 1:
-                step = max(1, rest.numel() // ctx)
-                tgt = rest[::step][:ctx]
-                others = rest[~torch.isin(rest, tgt)]
-                assign = (keys[b, others] @ keys[b, tgt].T).argmax(-1)
-                summed = torch.zeros(tgt.numel(), feats.shape[-1], device=feats.device, dtype=feats.dtype)
-                summed.index_add_(0, assign, feats[b, others])
-                count = torch.bincount(assign, minlength=tgt.numel()).clamp_min(1)
-                has = torch.bincount(assign, minlength=tgt.numel()) > 0
-                ctx_vals = feats[b, tgt] + torch.where(has[:, None], summed / count[:, None], torch.zeros_like(summed))
-                slots.append(tgt)
-                vals.append(ctx_vals)
-            used = torch.cat(slots)
-            if dom >= 1:  # the [CLS] token, in the first slot no other kept token uses
-                free = torch.ones(n, dtype=torch.bool, device=feats.device)
-                free[used] = False
-                if bool(free.any()):
-                    slots.append(free.nonzero()[:1, 0])
-                    vals.append(cls[b : b + 1])
-            s, v = torch.cat(slots), torch.cat(vals)
-            index[b, : s.numel()], values[b, : s.numel()] = s, v
-        return Selection(indices=index, values=values, values_space="vision")
+        attn = tile_cls_attention(state, -2, heads="sum")  # (T, P)
+        keys = tile_keys(state, -2)[:, 1:].float()  # (T, P, head_dim)
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        feats = tile_hidden(state)  # (T, 1 + P, Dv), [CLS] first
+        side = state.engine.adapter.patch_grid[1]
+        P = attn.shape[1]
+        rows, values = [], []
+        for b, imgs in enumerate(image_tiles(state)):
+            share = max(1, int(k[b]) // max(1, sum(im.n_tiles for im in imgs)))
+            dom = max(1, min(self.dominant if self.dominant is not None else round(share * DOMINANT_FRACTION), share))
+            ctx = min(share - dom, P - (dom - 1))
+            slots, tiles, tokens, vals = [], [], [], []
+            for im in imgs:
+                tile_ids = range(im.first_tile, im.first_tile + im.n_tiles)
+                parts = [self._tile(attn[t], keys[t], feats[t], dom, ctx) for t in tile_ids]
+                ts, tok, is_ctx, merged = self._order(im, parts, side)
+                val = feats[ts, tok].float()
+                val[is_ctx] = merged
+                slots.append(im.start + torch.arange(ts.numel(), device=feats.device))
+                tiles.append(ts)
+                tokens.append(tok)
+                vals.append(val)
+            rows.append((torch.cat(slots), torch.cat(tiles), torch.cat(tokens)))
+            values.append(torch.cat(vals))
+        return ordered_selection(state, rows, values)
 
+    @staticmethod
+    def _tile(attn: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor, dom: int, ctx: int) -> dict:
+        """One tile: dominant patch ids (raster order), contextual target ids and merged values."""
+        P = attn.numel()
+        is_dom = torch.zeros(P, dtype=torch.bool, device=attn.device)
+        is_dom[attn.topk(dom - 1).indices] = True
+        dominant = is_dom.nonzero()[:, 0]
+        rest = (~is_dom).nonzero()[:, 0]
+        targets = rest[:0]
+        merged = feats[:0]
+        if ctx > 0:
+            step = max(1, rest.numel() // ctx)
+            pick = torch.arange(0, rest.numel(), step, device=attn.device)[:ctx]
+            targets = rest[pick]
+            is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=attn.device)
+            is_target[pick] = True
+            others = rest[~is_target]
+            assign = (keys[others] @ keys[targets].T).argmax(-1)
+            summed = torch.zeros(targets.numel(), feats.shape[-1], device=feats.device)
+            summed.index_add_(0, assign, feats[1 + others].float())
+            count = torch.bincount(assign, minlength=targets.numel()).clamp_min(1)
+            merged = feats[1 + targets].float() + summed / count[:, None]
+        return {"dominant": dominant, "targets": targets, "merged": merged.float(), "cls": feats[0]}
 
-def _patch_tokens(state: PruneState) -> torch.Tensor:
-    return token_patch_index(state) >= 0
+    @staticmethod
+    def _order(im, parts: list[dict], side: int) -> tuple[torch.Tensor, ...]:
+        """(tile, token, is_contextual, merged values) of one image's tokens in the official order
+        (token 0 = [CLS]; a contextual token is named by its target; ``merged`` holds the values of
+        the contextual tokens, in order)."""
+        first, dev = im.first_tile, parts[0]["cls"].device
+        segments = []  # (tile, token, contextual?)
+
+        def add(tile: torch.Tensor | int, token: torch.Tensor, ctx: bool = False) -> None:
+            tile = torch.full_like(token, tile) if isinstance(tile, int) else tile
+            segments.append((tile, token, torch.full_like(token, ctx, dtype=torch.bool)))
+
+        base = parts[0]
+        add(first, torch.zeros(1, dtype=torch.long, device=dev))  # [CLS]
+        add(first, base["dominant"] + 1)
+        add(first, base["targets"] + 1, True)
+        if len(parts) > 1:  # crops: dominant patches over the whole crop grid, then [CLS]s, then contextuals
+            order_tile, order_patch = spatial_order(first, im.n_tiles, im.grid, side, dev)
+            crop = order_tile > first
+            order_tile, order_patch = order_tile[crop], order_patch[crop]
+            chosen = torch.zeros(len(parts) - 1, side * side, dtype=torch.bool, device=dev)
+            for i, p in enumerate(parts[1:]):
+                chosen[i, p["dominant"]] = True
+            sel = chosen[order_tile - first - 1, order_patch]
+            add(order_tile[sel], order_patch[sel] + 1)
+            crops = torch.arange(first + 1, first + im.n_tiles, device=dev)
+            add(crops, torch.zeros_like(crops))  # the crops' [CLS] tokens
+            for i, p in enumerate(parts[1:]):
+                add(first + 1 + i, p["targets"] + 1, True)
+        tile, token, is_ctx = (torch.cat(t) for t in zip(*segments))
+        return tile, token, is_ctx, torch.cat([p["merged"] for p in parts])

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.state import PruneState
+from ..engine.signals import tile_cls_attention
+from ..engine.state import PruneState, Selection
 from .base import Pruner
+from .fastervlm import NEXT_LAYOUTS, per_tile_selection
 
 
 @dataclass
@@ -18,18 +20,34 @@ class VTCCLS(Pruner):
     """Keep the ``keep`` patches with the largest [CLS] attention summed over vision layers
     ``start_layer`` .. penultimate, head-mean, kept in spatial order, before the projector.
 
+    LLaVA-1.5: the official ``cls_token_only`` sums ``attentions[start_layer:-1]`` (head mean of
+    each layer's [CLS] row) and ``encode_images`` keeps the top ``token_num`` in spatial order.
     Defaults as the official CLI (``--layer 16`` of CLIP-L's 24 layers): ``start_layer=None`` takes
     the same fraction (2/3) of the tower's depth, at most the penultimate layer, so on a tower of 4
     layers or fewer the sum is the penultimate layer alone and the score equals FasterVLM's.
-    Departure: each layer's [CLS] row is computed from its q/k projections instead of
-    ``output_attentions=True``, so SDPA stays on.
+
+    Departures: each layer's [CLS] row is computed from its q/k projections instead of
+    ``output_attentions=True``, so SDPA stays on. The official code has no LLaVA-NeXT path (its
+    scorer squeezes a batch of one image and its ``encode_images`` assumes 576 patches), so on
+    LLaVA-NeXT this uses FasterVLM's per-tile selection and its ``next_layout`` options (see
+    :class:`~learned_prune.pruners.fastervlm.FasterVLM`) with the summed score.
     """
 
     site: str = "vision"
     start_layer: int | None = None
+    next_layout: str = "official"
 
-    def score(self, state: PruneState) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.next_layout not in NEXT_LAYOUTS:
+            raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {self.next_layout!r}")
+
+    def tile_scores(self, state: PruneState) -> torch.Tensor:
+        """The summed [CLS] attention of every patch of every encoded tile, (T, P)."""
         n = len(state.engine.adapter.vision_layers())
         start = round(n * 16 / 24) if self.start_layer is None else self.start_layer % n
         start = min(start, n - 2)
-        return sum(state.cls_attention(layer) for layer in range(start, n - 1))
+        return sum(tile_cls_attention(state, layer) for layer in range(start, n - 1))
+
+    def select(self, state: PruneState) -> Selection:
+        return per_tile_selection(state, self.tile_scores(state), self.keep, self.next_layout)
