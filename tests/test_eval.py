@@ -150,3 +150,18 @@ def test_grid_runs_specs_with_arguments_and_compositions(tmp_path):
     assert composed["vision"] == 16 and composed["llm:2"] == 16
     assert by_method["fastv@keep=8"]["keep"] == "adaptive"  # its own budget: one row, not one per keep
     assert by_method["fastv@keep=8"]["kept_tokens"]["llm:2"] == 8
+
+
+def test_the_plot_tells_every_method_apart_and_sets_heads_apart():
+    from learned_prune.evaluation.report import flops_unit, method_label, plot_styles
+
+    free = [f"method{i}" for i in range(20)]
+    heads = ["/somewhere/checkpoints/atp-tiny", "checkpoints/dyvte-tiny@threshold=0.9+fastv"]
+    styles = plot_styles(free + heads)
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}
+    assert len(looks) == len(styles)  # no two methods drawn alike
+    assert len({(s["linestyle"], s["marker"]) for m, s in styles.items() if m in free}) == len(free)
+    assert [styles[h]["learned"] for h in heads] == [True, True] and not any(styles[m]["learned"] for m in free)
+    assert method_label(heads[0]) == ("atp-tiny", True)
+    assert method_label(heads[1]) == ("dyvte-tiny@threshold=0.9+fastv", True)
+    assert flops_unit([3.1e8, 4.8e7]) == (1e6, "MFLOPs") and flops_unit([3.8e12])[1] == "TFLOPs"

@@ -61,28 +61,80 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_label(spec: str) -> tuple[str, bool]:
+    """A plot label for a method spec and whether it is a learned head: head folders are named by their
+    folder name (``/work/x/checkpoints/atp-tiny@threshold=0.9`` -> ``atp-tiny@threshold=0.9``)."""
+    parts, learned = [], False
+    for piece in str(spec).split("+"):
+        base, at, args = piece.partition("@")
+        if "/" in base or Path(base).is_dir():
+            base, learned = Path(base).name, True
+        parts.append(base + at + args)
+    return "+".join(parts), learned
+
+
+def flops_unit(values: list[float]) -> tuple[float, str]:
+    """The scale and name of the FLOPs unit that fits ``values`` (a tiny model's MFLOPs, a 7B's TFLOPs)."""
+    top = max(values, default=0.0)
+    for scale, name in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if top >= scale:
+            return scale, name
+    return 1.0, "FLOPs"
+
+
+def plot_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """A distinct matplotlib style per method spec: colour *and* marker/line style differ between
+    training-free methods (tab20 colours; 4 line styles x 7 markers); learned heads are drawn thicker
+    with large star-like markers. Each style carries its ``label`` and whether it is ``learned``."""
+    import itertools
+
+    from matplotlib import colormaps
+
+    colours = itertools.cycle(colormaps["tab20"].colors)
+    free = itertools.cycle(itertools.product(["-", "--", ":", "-."], ["o", "s", "^", "v", "D", "P", "X"]))
+    head_markers = itertools.cycle(["*", "h", "p", "8"])
+    out = {}
+    for m in sorted(methods, key=lambda m: method_label(m)[0]):
+        label, learned = method_label(m)
+        if learned:
+            style = dict(linestyle="-", marker=next(head_markers), markersize=12, linewidth=2.5)
+        else:
+            line, marker = next(free)
+            style = dict(linestyle=line, marker=marker, markersize=6, linewidth=1.3)
+        out[m] = dict(style, color=next(colours), label=label, learned=learned)
+    return out
+
+
 def accuracy_vs_flops_plot(records: list[dict[str, Any]], path: Path) -> Path:
-    """One curve per method (accuracy against prefill TFLOPs); the unpruned model as a reference line."""
+    """One curve per method (accuracy against prefill FLOPs, in the unit that fits the model), styled by
+    :func:`plot_styles`, learned heads in a legend of their own; the unpruned model as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    methods = sorted({r["method"] for r in records if r["method"] != "none"})
-    for m in methods:
-        pts = sorted((r["prefill_tflops"], 100 * r["accuracy"]) for r in records if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    scale, unit = flops_unit([1e12 * r["prefill_tflops"] for r in records])
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    handles: dict[bool, list] = {False: [], True: []}
+    for m, style in plot_styles([m for m in {r["method"] for r in records} if m != "none"]).items():
+        learned = style.pop("learned")
+        pts = sorted((1e12 * r["prefill_tflops"] / scale, 100 * r["accuracy"]) for r in records if r["method"] == m)
+        (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+        handles[learned].append(h)
     for r in records:
         if r["method"] == "none":
-            ax.axhline(100 * r["accuracy"], color="black", linestyle="--", linewidth=1,
-                       label=f"unpruned ({100 * r['accuracy']:.1f}%)")
+            handles[False].insert(0, ax.axhline(100 * r["accuracy"], color="black", linestyle="--", linewidth=1,
+                                                label=f"unpruned ({100 * r['accuracy']:.1f}%)"))
             break
-    ax.set_xlabel("prefill TFLOPs per sample (LLM + vision + projector)")
+    ax.set_xlabel(f"prefill {unit} per sample (LLM + vision + projector + the pruner's own)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    first = ax.legend(handles=handles[False], title="training-free", fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))  # outside the axes: 18+ curves leave no empty corner
+    if handles[True]:
+        ax.add_artist(first)
+        ax.legend(handles=handles[True], title="learned heads", fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends beside the axes
     plt.close(fig)
     return path
