@@ -144,8 +144,9 @@ def test_presets_reproduce_score_py_on_576_tokens(retain):
 
 @torch.no_grad()
 def test_raters_use_the_unscaled_product_of_the_embeddings():
-    from learned_prune.engine.sequence import Sequence
-    from learned_prune.engine.state import LayerTrace
+    from learned_prune.engine.adapter import LlavaAdapter
+    from learned_prune.engine.state import LayerTrace, PruneState
+    from learned_prune.engine.tokens import TokenSequence
 
     g = torch.Generator().manual_seed(0)
     B, pad, pre, nv, nt, d = 2, 2, 2, 6, 9, 16
@@ -155,11 +156,14 @@ def test_raters_use_the_unscaled_product_of_the_embeddings():
     valid[1, :pad] = False  # sample 1 left-padded
     rank = torch.full((B, L), -1)
     rank[:, pad + pre : pad + pre + nv] = torch.arange(nv)
-    seq = Sequence(hidden=h, pos=torch.arange(L).expand(B, L), valid=valid, visual_rank=rank,
-                   n_visual_original=torch.full((B,), nv))
+    seq = TokenSequence(hidden=h, pos=torch.arange(L).expand(B, L), valid=valid, visual_rank=rank,
+                        n_visual_original=torch.full((B,), nv))
     trace = LayerTrace(h_in=h, attn_in=h, attn_out=h, mlp_in=h, mlp_out=h, h_out=h)
     pruner = load_pruner("sparsevlm", keep=4)
-    pruner.observe(0, trace, seq)
+    vpos, vvalid = seq.visual_positions()
+    state = PruneState(site="llm:1", layer=1, mode="hard", seq=seq, adapter=LlavaAdapter(get_tiny("llava")[0]),
+                       visual_pos=vpos, visual_valid=vvalid)
+    pruner.observe(0, trace, state)
     for b in range(B):
         v_t, t_t = h[b, pad + pre : pad + pre + nv], h[b, pad + pre + nv :]
         got = seq.extras["sparsevlm_raters"][b, pad + pre + nv :].nonzero()[:, 0]

@@ -1,4 +1,4 @@
-"""Where the engine finds things inside an HF LLaVA model (LLaVA-1.5 and LLaVA-NeXT)."""
+"""Where the engine finds things inside an HF LLaVA model (LLaVA-1.5 and LLaVA-NeXT): one read-only view."""
 
 from __future__ import annotations
 
@@ -39,9 +39,24 @@ class LlavaAdapter:
     def num_layers(self) -> int:
         return len(self.lm.layers)
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The multi-modal projector on pre-projector vision features (cast to the projector's dtype)."""
+        return self.projector(features.to(self.projector.linear_1.weight.dtype))
+
     def vision_layers(self) -> nn.ModuleList:
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
         return tower.encoder.layers
+
+    def tiles_per_image(self, image_sizes: torch.Tensor | None) -> list[int]:
+        """Encoded tiles of each image (LLaVA-NeXT: the base view + its crops) for ``image_sizes`` (N, 2)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [
+            image_size_to_num_patches(
+                image_size=s, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=self.vision_config.image_size
+            )
+            for s in image_sizes
+        ]
 
     def token_sources(self, n_tiles: int, image_sizes: torch.Tensor | None) -> torch.Tensor:
         """For every image token the backbone will insert, the flat index (tile * P + patch) of
@@ -50,16 +65,8 @@ class LlavaAdapter:
         flat = torch.arange(n_tiles * P, dtype=torch.float32).view(n_tiles, P, 1)
         if not self.is_next:
             return flat.view(-1).long()
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        per_image = [
-            image_size_to_num_patches(
-                image_size=s, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=self.vision_config.image_size
-            )
-            for s in image_sizes
-        ]
         packed, _ = self.inner.pack_image_features(
-            list(torch.split(flat, per_image, dim=0)),
+            list(torch.split(flat, self.tiles_per_image(image_sizes), dim=0)),
             image_sizes,
             vision_feature_select_strategy=self.select_strategy,
             image_newline=torch.tensor([-1.0]),

@@ -1,28 +1,12 @@
-"""Site names and the per-call bookkeeping of the engine's layer groups."""
+"""Site names, and which pruner acts (or observes) at which decoder layer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-
-
-@dataclass
-class _Group:
-    """Layers that share one key layout in the KV cache (those between two hard prunes)."""
-
-    valid: torch.Tensor  # (B, K) keys held by these layers' caches
-    logmask: torch.Tensor | None
-    offset: torch.Tensor  # (B,) how far positions were shifted down by re-packing
-    next_pos: torch.Tensor  # (B,)
-
-
-@dataclass
-class _Run:
-    cache: Any
-    groups: list[_Group] = field(default_factory=list)
-    layer_group: list[int] = field(default_factory=list)
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import LlavaAdapter
+    from .protocol import PrunerProtocol
 
 
 def parse_site(site: str, num_layers: int) -> int:
@@ -38,3 +22,27 @@ def parse_site(site: str, num_layers: int) -> int:
             return k
         raise ValueError(f"site {site!r}: the LLM has {num_layers} decoder layers, use llm:K with 0 <= K < {num_layers}")
     raise ValueError(f"unknown site {site!r}: use 'vision' or 'llm:K'")
+
+
+def site_table(pruners: list["PrunerProtocol"], adapter: "LlavaAdapter") -> dict[int, list[tuple["PrunerProtocol", str]]]:
+    """Decoder layer -> the (pruner, site) pairs acting before it, in the pruners' order; the vision site
+    acts before any ``llm:0`` pruner."""
+    sites: dict[int, list[tuple["PrunerProtocol", str]]] = {}
+    for p in pruners:
+        for s in p.sites(adapter):
+            sites.setdefault(parse_site(s, adapter.num_layers), []).append((p, s))
+    for lst in sites.values():
+        lst.sort(key=lambda ps: ps[1] != "vision")
+    return sites
+
+
+def observer_table(pruners: list["PrunerProtocol"], adapter: "LlavaAdapter") -> dict[int, list["PrunerProtocol"]]:
+    """Decoder layer -> the pruners that watch it run (``observe_layers``)."""
+    n = adapter.num_layers
+    observers: dict[int, list["PrunerProtocol"]] = {}
+    for p in pruners:
+        for i in p.observe_layers(adapter):
+            if not 0 <= i < n:
+                raise ValueError(f"{type(p).__name__} observes layer {i}, but the LLM has {n} layers")
+            observers.setdefault(i, []).append(p)
+    return observers

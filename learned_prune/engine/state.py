@@ -1,102 +1,77 @@
-"""What a pruner sees at a site (:class:`PruneState`) and what it returns (:class:`Selection`)."""
+"""What a pruner sees at a site: :class:`PruneState`, its whole view of the model and the sequence.
+
+Plain tensors are properties; costly signals (attention rows, vision-tower signals) are methods,
+computed on demand and cached for the site. Pruners read the model only through this class.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from . import attention, vision
+from .selection import LayerTrace, Selection
+from .tokens import gather_rows
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Engine
-    from .sequence import Sequence
+    from .adapter import LlavaAdapter
+    from .tokens import TokenSequence
+    from .vision import ImageTiles, VisionCapture
+
+__all__ = ["LayerTrace", "PruneState", "Selection"]
 
 
-@dataclass
-class Selection:
-    """A pruner's decision at one site.
-
-    Hard mode: ``indices`` (B, k) are positions *among the visual tokens* of each sample
-    (0..n_visual-1, in the order they stand in the sequence), padded with -1 where a
-    sample keeps fewer. ``values`` (B, k, D), optional, replace the hidden states at the
-    kept slots (merging methods place a merged token in the slot of one of its members).
-    ``values_space="vision"`` means the values are pre-projector vision features that the
-    engine still has to project (vision site only).
-
-    Soft mode: ``keep_prob`` (B, n_visual) in [0, 1]; nothing is removed, the engine
-    turns it into an additive log-mask on the keys of later layers.
-    """
-
-    indices: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    values_space: str = "llm"
-    keep_prob: torch.Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if (self.indices is None) == (self.keep_prob is None):
-            raise ValueError("A Selection holds exactly one of `indices` (hard) or `keep_prob` (soft)")
-        if self.values is not None and self.indices is None:
-            raise ValueError("`values` need `indices`: the slots they are written to")
-        if self.values_space not in ("llm", "vision"):
-            raise ValueError(f"values_space must be 'llm' or 'vision', got {self.values_space!r}")
-
-
-@dataclass
-class LayerTrace:
-    """What one decoder layer did to every token, for pruners that watch layers run (``observe``).
-
-    A pre-norm decoder layer computes ``mid = h_in + attn(attn_in)`` with ``attn_in =
-    input_layernorm(h_in)``, then ``h_out = mid + mlp(mlp_in)`` with ``mlp_in =
-    post_attention_layernorm(mid)``. ``attn_out`` / ``mlp_out`` are the branch outputs *before*
-    the residual add. All (B, L, D) on the layer's current (possibly pruned) sequence.
-    """
-
-    h_in: torch.Tensor
-    attn_in: torch.Tensor
-    attn_out: torch.Tensor
-    mlp_in: torch.Tensor
-    mlp_out: torch.Tensor
-    h_out: torch.Tensor
+def _sequence_view(name: str, doc: str) -> property:
+    """A read-only :class:`PruneState` property: the current sequence's ``name``."""
+    return property(lambda self: getattr(self.seq, name), doc=doc)
 
 
 @dataclass
 class PruneState:
-    """Everything a pruner may read at a site. Costly signals are methods, computed on demand.
+    """Everything a pruner may read at a site (or, for an observer, after a layer ran).
 
     Shapes: B samples, L current sequence length, Nv the largest visual-token count of the
-    batch (``visual_valid`` marks real entries), D hidden size.
+    batch (``visual_valid`` marks real entries), D hidden size. ``seq``, ``adapter`` and ``vision``
+    are the engine's own records; pruners use the properties and methods below.
     """
 
     site: str
     layer: int
     mode: str
-    seq: "Sequence"
-    engine: "Engine"
+    seq: "TokenSequence"
+    adapter: "LlavaAdapter"
     visual_pos: torch.Tensor  # (B, Nv) positions of visual tokens in the current sequence (0 where invalid)
     visual_valid: torch.Tensor  # (B, Nv) bool
+    vision: "VisionCapture | None" = None
+    soft_eps: float = 1e-6
     cache: dict = field(default_factory=dict)
 
-    # ---- plain tensors -------------------------------------------------------------------
-    @property
-    def hidden(self) -> torch.Tensor:
-        """Hidden states entering the site's layer (projected embeddings at the vision site), (B, L, D)."""
-        return self.seq.hidden
+    # ---- the sequence --------------------------------------------------------------------
+    hidden = _sequence_view("hidden", "Hidden states entering the site's layer (projected embeddings at the vision site), "
+                                      "(B, L, D).")
+    n_visual_original = _sequence_view("n_visual_original", "Visual tokens per sample before any pruning, (B,): what "
+                                                            "ratio budgets refer to.")
+    token_keep_prob = _sequence_view("keep_prob", "Soft mode: the cumulative keep-probability of every token, (B, L) "
+                                                  "(1 for text); None in hard mode.")
+    position_ids = _sequence_view("pos", "(B, L) RoPE position ids of the current tokens.")
+    valid = _sequence_view("valid", "(B, L) bool: real tokens (False on padding).")
+    is_visual = _sequence_view("is_visual", "(B, L) bool: visual tokens (padding included: and it with valid).")
+    prompt_valid = _sequence_view("prompt_valid", "(B, L) bool: real prompt tokens (in a teacher-forced pass the "
+                                                  "answer tokens are left out).")
+    extras = _sequence_view("extras", "Per-token (B, L) tensors a pruner keeps across layers (they follow the tokens "
+                                      "through every prune).")
 
     @property
     def visual_hidden(self) -> torch.Tensor:
         """Hidden states of the visual tokens, (B, Nv, D)."""
-        return _gather_rows(self.seq.hidden, self.visual_pos)
+        return gather_rows(self.seq.hidden, self.visual_pos)
 
     @property
     def n_visual(self) -> torch.Tensor:
         """Visual tokens per sample at this site, (B,)."""
         return self.visual_valid.sum(1)
-
-    @property
-    def n_visual_original(self) -> torch.Tensor:
-        """Visual tokens per sample before any pruning, (B,) — what ratio budgets refer to."""
-        return self.seq.n_visual_original
 
     @property
     def visual_source(self) -> torch.Tensor:
@@ -111,20 +86,45 @@ class PruneState:
         return torch.gather(self.seq.keep_prob, 1, self.visual_pos)
 
     @property
-    def position_ids(self) -> torch.Tensor:
-        return self.seq.pos
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(B, L) bool: real tokens (False on padding)."""
-        return self.seq.valid
-
-    @property
     def instruction_mask(self) -> torch.Tensor:
         """(B, L) bool: the text tokens after the last visual token (the instruction)."""
         return self.seq.instruction_mask()
 
-    # ---- signals computed on demand ------------------------------------------------------
+    # ---- the backbone --------------------------------------------------------------------
+    @property
+    def llm_depth(self) -> int:
+        """Decoder layers of the LLM (what stage layouts scale by)."""
+        return self.adapter.num_layers
+
+    @property
+    def vision_depth(self) -> int:
+        """Encoder layers of the vision tower."""
+        return len(self.adapter.vision_layers())
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one image's base patch grid (LLaVA-NeXT: the global view)."""
+        return self.adapter.patch_grid
+
+    @property
+    def any_resolution(self) -> bool:
+        """True when images are encoded as several tiles (LLaVA-NeXT's base view + crops)."""
+        return self.adapter.is_next
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The LLM's final norm (the one before ``lm_head``) applied to ``x`` (..., D)."""
+        return self.adapter.lm.norm(x)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone's multi-modal projector applied to pre-projector vision features (..., Dv)."""
+        return self.adapter.project(features)
+
+    def vision_post_layernorm(self, features: torch.Tensor) -> torch.Tensor:
+        """The vision tower's final ``post_layernorm`` applied to features (..., Dv)."""
+        tower = self.adapter.vision_tower
+        return getattr(tower, "vision_model", tower).post_layernorm(features)
+
+    # ---- LLM signals computed on demand --------------------------------------------------
     def attention(self, queries: str | torch.Tensor = "last", layer: str = "previous") -> torch.Tensor:
         """Head-mean softmax attention of query rows onto the visual tokens, (B, Nv).
 
@@ -134,43 +134,46 @@ class PruneState:
         projections on the hidden states entering it (PyramidDrop). Only the requested query
         rows are projected: no full attention matrix, SDPA stays on.
         """
-        from .signals import llm_attention
-
-        return llm_attention(self, queries, layer)
+        return attention.llm_attention(self, queries, layer)
 
     def keys(self) -> torch.Tensor:
         """Post-RoPE keys of layer K-1 for the current sequence, (B, H_kv, L, head_dim)."""
-        from .signals import previous_layer_keys
+        return attention.previous_layer_keys(self)
 
-        return previous_layer_keys(self)
-
+    # ---- vision-tower signals (vision site) ----------------------------------------------
     def cls_attention(self, layer: int = -2) -> torch.Tensor:
-        """Vision site: head-mean [CLS]->patch attention of vision encoder layer ``layer``, (B, Nv).
-
-        Row-end newline tokens of LLaVA-NeXT get 0.
-        """
-        from .signals import cls_attention
-
-        return cls_attention(self, layer)
+        """Head-mean [CLS]->patch attention of vision encoder layer ``layer``, per visual token (B, Nv);
+        LLaVA-NeXT's row-end newline tokens get 0."""
+        return vision.cls_attention(self, layer)
 
     def vision_features(self, layer: int | None = None) -> torch.Tensor:
-        """Vision site: pre-projector patch features at encoder output ``layer`` (default: the
-        layer the backbone feeds its projector), (B, Nv, Dv); newline tokens get zeros."""
-        from .signals import vision_features
-
-        return vision_features(self, layer)
+        """Pre-projector patch features at encoder output ``layer`` (default: the layer the backbone
+        feeds its projector), per visual token (B, Nv, Dv); newline tokens get zeros."""
+        return vision.vision_features(self, layer)
 
     def vision_keys(self, layer: int = -1) -> torch.Tensor:
-        """Vision site: head-mean keys of vision encoder layer ``layer`` per visual token, (B, Nv, head_dim)."""
-        from .signals import vision_keys
-
-        return vision_keys(self, layer)
+        """Head-mean keys of vision encoder layer ``layer`` per visual token, (B, Nv, head_dim)."""
+        return vision.vision_keys(self, layer)
 
     @property
-    def image_grid(self) -> tuple[int, int]:
-        """(rows, cols) of one image's base patch grid (LLaVA-NeXT: the global view)."""
-        return self.engine.adapter.patch_grid
+    def patch_index(self) -> torch.Tensor:
+        """Flat vision-patch index (tile * P + patch) of each current visual token, (B, Nv); -1 for newlines."""
+        return vision.token_patch_index(self)
 
+    def image_tiles(self) -> list[list["ImageTiles"]]:
+        """For each sample, its images in order: tiles among the encoded ones, tokens among its visual tokens."""
+        return vision.image_tiles(self)
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    def tile_cls_attention(self, layer: int = -2, heads: str = "mean") -> torch.Tensor:
+        """[CLS]->patch attention of vision encoder layer ``layer`` for every encoded tile, (T, P) float32;
+        ``heads``: ``"mean"`` or ``"sum"`` over the heads."""
+        return vision.tile_cls_attention(self, layer, heads)
+
+    def tile_keys(self, layer: int = -1) -> torch.Tensor:
+        """Head-mean keys of vision encoder layer ``layer`` for every token of every tile, [CLS] first, (T, N, hd)."""
+        return vision.tile_keys(self, layer)
+
+    def tile_hidden(self, layer: int | None = None) -> torch.Tensor:
+        """Raw vision hidden states of every encoded tile, [CLS] first, (T, N, Dv), at hidden-state index
+        ``layer`` (default: the backbone's feature layer), before LLaVA-NeXT's unpadding."""
+        return vision.tile_hidden(self, layer)

@@ -5,7 +5,8 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .pool import PoolPruner
 from .registry import PRUNERS, load_pruner, register_pruner
-from .simple import NoPruning, RandomPruner
+from .no_pruning import NoPruning
+from .random_subset import RandomPruner
 
 __all__ = [
     "PRUNERS", "Compose", "FastV", "FasterVLM", "NoPruning", "PoolPruner", "Pruner", "PrunerBase",

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.core import Engine
-from ..engine.state import PruneState, Selection
+from ..engine import Engine, PruneState, PrunerProtocol, Selection
+from .indices import topk_selection
+
+__all__ = ["Compose", "Pruner", "PrunerBase", "resolve_keep", "topk_selection", "validate_keep"]
 
 
 def validate_keep(keep: int | float) -> None:
@@ -52,39 +54,21 @@ def resolve_keep(keep: int | float, n_visual: torch.Tensor) -> torch.Tensor:
     return torch.full_like(n, keep)
 
 
-def topk_selection(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Indices (B, max k) of the k highest scores per sample, in sequence order, padded with -1."""
-    scores = scores.float().masked_fill(~valid, float("-inf"))
-    kmax = int(k.max())
-    top = scores.topk(kmax, dim=1).indices
-    ok = torch.arange(kmax, device=scores.device)[None] < k[:, None]
-    top = torch.where(ok, top, torch.full_like(top, torch.iinfo(top.dtype).max))
-    top = top.sort(dim=1).values
-    return torch.where(top == torch.iinfo(top.dtype).max, torch.full_like(top, -1), top)
+class PrunerBase(PrunerProtocol):
+    """Base of every pruner (training-free dataclasses, learned ``nn.Module`` heads, :class:`Compose`).
 
-
-class PrunerBase:
-    """Protocol every pruner follows (training-free dataclasses and learned ``nn.Module`` heads).
-
-    Subclasses set ``site`` (``"vision"`` or ``"llm:K"``) or override :meth:`sites`, and write
-    :meth:`select`. ``repack_positions`` (None = the site's default: re-pack at ``vision``, keep
-    original RoPE ids inside the LLM) says whether kept tokens get contiguous positions.
+    The engine's contract, with its no-op defaults, is :class:`~learned_prune.engine.protocol.PrunerProtocol`
+    (``sites``, ``prepare``, ``select``, ``repacks``, ``observe_layers``/``observe``, ``attach``/``release``).
+    This class adds the one place that builds the context manager: ``with pruner(model):``.
     """
 
-    site: str = "vision"
-    repack_positions: bool | None = None
-
-    def sites(self, adapter: Any) -> list[str]:
-        return [self.site]
-
-    def prepare(self, adapter: Any) -> None:
-        """Check the pruner fits the backbone (called when installed). Raise with what to change."""
-
-    def select(self, state: PruneState) -> Selection:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def parts(self) -> list["PrunerBase"]:
+        """The pruners the engine installs for this one: itself (:class:`Compose`: its members, in order)."""
+        return [self]
 
     def __call__(self, model: nn.Module, mode: str = "hard") -> Engine:
-        return Engine(model, [self], mode=mode)
+        """An :class:`~learned_prune.engine.Engine` installing :meth:`parts` on ``model`` (enter it with ``with``)."""
+        return Engine(model, self.parts(), mode=mode)
 
 
 @dataclass
@@ -119,8 +103,8 @@ class Compose(PrunerBase):
             raise ValueError("Compose needs at least one pruner")
         self.pruners = list(pruners)
 
-    def __call__(self, model: nn.Module, mode: str = "hard") -> Engine:
-        return Engine(model, self.pruners, mode=mode)
+    def parts(self) -> list[PrunerBase]:
+        return list(self.pruners)
 
     def __repr__(self) -> str:
         return f"Compose({self.pruners!r})"

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine.signals import _vision, token_patch_index
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
+from .indices import pad_rows, sorted_picks
 
 EXHAUSTED = 1e-5  # residual gain, relative to the sample's largest kernel diagonal, at which the rank is spent
 
@@ -61,10 +61,7 @@ def dpp_greedy_map(kernel: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, f
         cis[i] = torch.where(done[:, None], torch.zeros_like(eis), eis)
         taken[ar, j] = True
         di2s = (di2s - cis[i].square()).masked_fill(taken, float("-inf"))
-    ok = torch.arange(kmax, device=kernel.device)[None] < k[:, None]
-    big = torch.iinfo(torch.long).max
-    chosen = torch.where(ok, chosen, torch.full_like(chosen, big)).sort(1).values
-    return torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
+    return sorted_picks(chosen, k)
 
 
 @dataclass
@@ -176,10 +173,8 @@ class CDPruner(Pruner):
         return clip.text_projection(clip.text_model(**inputs).pooler_output)
 
     def _clip_image(self, state: PruneState, patch_feats: torch.Tensor) -> torch.Tensor:
-        tower = state.engine.adapter.vision_tower
-        post = getattr(tower, "vision_model", tower).post_layernorm
         proj = self.clip_model.visual_projection
-        return proj(post(patch_feats).to(proj.weight)).to(patch_feats.device)
+        return proj(state.vision_post_layernorm(patch_feats).to(proj.weight)).to(patch_feats.device)
 
     def _relevance(self, img: torch.Tensor, txt: torch.Tensor | None, is_patch: torch.Tensor) -> torch.Tensor:
         if txt is None:
@@ -198,7 +193,7 @@ class CDPruner(Pruner):
         feats, valid = state.visual_hidden, state.visual_valid
         B, Nv, _ = feats.shape
         clip = self.source == "clip"
-        patch = token_patch_index(state) >= 0 if clip else valid
+        patch = state.patch_index >= 0 if clip else valid
         img = self._clip_image(state, state.vision_features()) if clip else feats
         rel = torch.ones(B, Nv, device=feats.device)
         for b in range(B):
@@ -209,17 +204,14 @@ class CDPruner(Pruner):
 
     def _select_per_tile(self, state: PruneState) -> Selection:
         """The official LLaVA-NeXT rule: one DPP of ``keep`` tokens per tile, newline tokens kept."""
-        adapter = state.engine.adapter
-        v = _vision(state)
-        hs = v["hidden_states"][adapter.feature_layer][:, 1:]  # (tiles, P, Dv) before unpadding
+        hs = state.tile_hidden()[:, 1:]  # (tiles, P, Dv) before unpadding
         P = hs.shape[1]
-        patch_idx = token_patch_index(state)
-        tiles_of = _tiles_per_sample(state, patch_idx, P, v)
+        patch_idx = state.patch_index
         out = []
-        for b in range(state.visual_valid.shape[0]):
-            tiles = tiles_of[b]
+        for b, images in enumerate(state.image_tiles()):  # every tile of the sample's images, unpadded away or not
+            tiles = torch.cat([torch.arange(im.first_tile, im.first_tile + im.n_tiles) for im in images]).to(hs.device)
             tf = hs[tiles]
-            proj = adapter.projector(tf)
+            proj = state.project(tf)
             img = self._clip_image(state, tf) if self.source == "clip" else proj
             valid = torch.ones(tf.shape[:2], dtype=torch.bool, device=tf.device)
             rel = self._relevance(img, self._text(state, b), valid)
@@ -229,27 +221,4 @@ class CDPruner(Pruner):
             n = int(state.n_visual[b])
             idx = patch_idx[b, :n]
             out.append(((idx < 0) | torch.isin(idx, flat)).nonzero()[:, 0])
-        index = torch.full((len(out), max(o.numel() for o in out)), -1, dtype=torch.long, device=hs.device)
-        for b, o in enumerate(out):
-            index[b, : o.numel()] = o
-        return Selection(indices=index)
-
-
-def _tiles_per_sample(state: PruneState, patch_idx: torch.Tensor, P: int, v: dict) -> list[torch.Tensor]:
-    """Every tile (base view and crops, unpadded away or not) of the images whose tokens each sample holds."""
-    adapter = state.engine.adapter
-    n_tiles = int(v["hidden_states"][0].shape[0])
-    if adapter.is_next:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=adapter.config.image_grid_pinpoints,
-                                            patch_size=adapter.vision_config.image_size) for s in v["image_sizes"]]
-    else:
-        counts = [1] * n_tiles
-    starts = torch.tensor([0, *counts]).cumsum(0)
-    out = []
-    for b in range(patch_idx.shape[0]):
-        present = torch.unique(patch_idx[b][(patch_idx[b] >= 0) & state.visual_valid[b]] // P).cpu()
-        images = [i for i in range(len(counts)) if bool(((present >= starts[i]) & (present < starts[i + 1])).any())]
-        out.append(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in images]).to(patch_idx.device))
-    return out
+        return Selection(indices=pad_rows(out))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
+from .indices import mask_indices
 
 
 @dataclass
@@ -80,17 +81,17 @@ class DART(Pruner):
         return n_img, k - n_img
 
     def select(self, state: PruneState) -> Selection:
-        seq, vpos, vvalid = state.seq, state.visual_pos, state.visual_valid
+        vpos, vvalid = state.visual_pos, state.visual_valid
         keys = state.keys()  # (B, H_kv, L, hd) post-RoPE keys of layer K-1
         norm = keys.transpose(1, 2).flatten(2).abs().sum(-1).float()  # L1 norm, heads concatenated
-        feats = state.engine.adapter.lm.norm(state.hidden).float()  # final norm of layer K-1's output
+        feats = state.final_norm(state.hidden).float()  # final norm of layer K-1's output
         text = state.instruction_mask
         n_txt = min(self.text_pivots, int(text.sum(1).min()))
         txt_pos = norm.masked_fill(~text, float("-inf")).topk(n_txt, dim=1).indices
         n_img, rest = self.counts(state)
         order = None
         if self.pivot_order == "official":
-            index = seq.valid.long().cumsum(1) - 1  # token index in the unpadded prompt
+            index = state.valid.long().cumsum(1) - 1  # token index in the unpadded prompt
             img_piv = pivot_indices(torch.gather(norm, 1, vpos), vvalid, self.image_pivots)
             img_at = torch.gather(index, 1, torch.gather(vpos, 1, img_piv))
             order = set_order(img_at, torch.gather(index, 1, txt_pos))
@@ -157,11 +158,7 @@ def duplication_select(
         pick = (-sim[:, j].masked_fill(taken, float("inf"))).topk(m, dim=1).indices
         ok = torch.arange(m, device=k.device)[None] < share[:, None]
         taken = taken | _mark(pick, ok, N)
-    chosen = taken & valid
-    big = N + 1
-    idx = torch.where(chosen, torch.arange(N, device=k.device)[None], torch.full_like(key_norm, big, dtype=torch.long))
-    idx = idx.sort(1).values[:, : int(chosen.sum(1).max())]
-    return torch.where(idx == big, torch.full_like(idx, -1), idx)
+    return mask_indices(taken & valid)
 
 
 def _mark(index: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:

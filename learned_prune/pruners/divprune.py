@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
+from .indices import sorted_picks
 
 
 def max_min_diverse(x: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -40,10 +41,7 @@ def max_min_diverse(x: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> to
         chosen[:, i] = nxt
         taken[torch.arange(B), nxt] = True
         min_dist = torch.minimum(min_dist, dist[torch.arange(B), nxt])
-    ok = torch.arange(kmax, device=x.device)[None] < k[:, None]
-    big = torch.iinfo(torch.long).max
-    chosen = torch.where(ok, chosen, torch.full_like(chosen, big)).sort(1).values
-    return torch.where(chosen == big, torch.full_like(chosen, -1), chosen)
+    return sorted_picks(chosen, k)
 
 
 @dataclass

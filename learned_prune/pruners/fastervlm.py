@@ -9,15 +9,33 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.signals import image_tiles, tile_cls_attention, tile_hidden, token_patch_index
 from ..engine.state import PruneState, Selection
-from .base import Pruner, resolve_keep, topk_selection
+from .base import Pruner, resolve_keep
+from .indices import mask_indices, pad_rows, topk_selection
 
 NEXT_LAYOUTS = ("official", "unpad")
 
 
+class TileScorePruner(Pruner):
+    """Base of the vision-site pruners that score every patch of every encoded tile ([CLS] attention):
+    a subclass has a ``next_layout`` field (one of ``NEXT_LAYOUTS``) and writes :meth:`tile_scores`;
+    :func:`per_tile_selection` keeps the top ``keep``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.next_layout not in NEXT_LAYOUTS:
+            raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {self.next_layout!r}")
+
+    def tile_scores(self, state: PruneState) -> torch.Tensor:  # pragma: no cover - abstract
+        """Importance of every patch of every encoded tile, (T, P)."""
+        raise NotImplementedError
+
+    def select(self, state: PruneState) -> Selection:
+        return per_tile_selection(state, self.tile_scores(state), self.keep, self.next_layout)
+
+
 @dataclass
-class FasterVLM(Pruner):
+class FasterVLM(TileScorePruner):
     """Keep the ``keep`` patches with the highest [CLS] attention of the vision tower's penultimate layer.
 
     LLaVA-1.5: head-mean [CLS]->patch attention of encoder layer -2 (the layer whose output LLaVA
@@ -48,36 +66,27 @@ class FasterVLM(Pruner):
     vision_layer: int = -2
     next_layout: str = "official"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.next_layout not in NEXT_LAYOUTS:
-            raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {self.next_layout!r}")
-
     def tile_scores(self, state: PruneState) -> torch.Tensor:
         """Importance of every patch of every encoded tile, (T, P)."""
-        return tile_cls_attention(state, self.vision_layer)
-
-    def select(self, state: PruneState) -> Selection:
-        return per_tile_selection(state, self.tile_scores(state), self.keep, self.next_layout)
+        return state.tile_cls_attention(self.vision_layer)
 
 
 def per_tile_selection(state: PruneState, scores: torch.Tensor, keep: int | float, layout: str) -> Selection:
     """Top-k of per-patch ``scores`` (T, P): one top-k per sample on LLaVA-1.5, one per tile on
     LLaVA-NeXT (see :class:`FasterVLM` for the two LLaVA-NeXT layouts)."""
-    adapter = state.engine.adapter
     k = resolve_keep(keep, state.n_visual_original).clamp(max=state.n_visual)
-    patch = token_patch_index(state)
-    if not adapter.is_next:
+    patch = state.patch_index
+    if not state.any_resolution:
         per_token = scores.reshape(-1)[patch.clamp_min(0)]
         return Selection(indices=topk_selection(per_token, state.visual_valid, k))
     if bool((k >= state.n_visual).all()):  # keep-all: the backbone's own sequence
-        return Selection(indices=topk_selection(state.visual_valid.float(), state.visual_valid, state.n_visual))
+        return Selection(indices=mask_indices(state.visual_valid))
     if layout == "official" and state.mode == "soft":
         raise ValueError("the official LLaVA-NeXT layout re-lays the kept patches (Selection.values), which soft mode "
                          "cannot do; use next_layout='unpad' for a pure index selection")
     P = scores.shape[1]
-    side = adapter.patch_grid[1]
-    tiles = image_tiles(state)
+    side = state.image_grid[1]
+    tiles = state.image_tiles()
     per_tile = [max(1, min(P, int(k[b]) // max(1, sum(im.n_tiles for im in imgs))))  # each tile's share
                 for b, imgs in enumerate(tiles)]
     if layout == "unpad":
@@ -87,7 +96,7 @@ def per_tile_selection(state: PruneState, scores: torch.Tensor, keep: int | floa
                 t = slice(im.first_tile, im.first_tile + im.n_tiles)
                 chosen[t].scatter_(1, scores[t].topk(per_tile[b], dim=1).indices, True)
         keep_mask = state.visual_valid & ((patch < 0) | chosen.view(-1)[patch.clamp_min(0)])
-        return Selection(indices=topk_selection(keep_mask.float(), keep_mask, keep_mask.sum(1)))
+        return Selection(indices=mask_indices(keep_mask))
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (slots, tile, token) per sample
     for b, imgs in enumerate(tiles):
         slots, tile_ids, tokens = [], [], []
@@ -130,15 +139,8 @@ def ordered_selection(state: PruneState, rows: list[tuple[torch.Tensor, torch.Te
     ``values[b]`` replaces the gathered features (merged tokens). Records ``info["tile"]`` and
     ``info["token"]`` (B, k), -1 on padding.
     """
-    feats = tile_hidden(state)
-    kmax = max([int(r[0].numel()) for r in rows] + [1])
-    B, dev = len(rows), feats.device
-    index = torch.full((B, kmax), -1, dtype=torch.long, device=dev)
-    tile = torch.full_like(index, -1)
-    token = torch.full_like(index, -1)
-    out = feats.new_zeros(B, kmax, feats.shape[-1])
-    for b, (s, t, tok) in enumerate(rows):
-        n = s.numel()
-        index[b, :n], tile[b, :n], token[b, :n] = s, t, tok
-        out[b, :n] = feats[t, tok] if values is None else values[b].to(out.dtype)
-    return Selection(indices=index, values=out, values_space="vision", info={"tile": tile, "token": token})
+    feats = state.tile_hidden()
+    slots, tile, token = (pad_rows([r[i] for r in rows], width=1) for i in range(3))
+    vals = [feats[t, tok] if values is None else values[b].to(feats.dtype) for b, (_, t, tok) in enumerate(rows)]
+    return Selection(indices=slots, values=pad_rows(vals, fill=0, width=1), values_space="vision",
+                     info={"tile": tile, "token": token})

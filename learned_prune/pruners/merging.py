@@ -10,7 +10,7 @@ tokens in order]``, so the next step's A/B split is taken on that order. Merging
 tokens merged into it this step, whatever they merged before; LaVi-Lab/AIM
 ``llava/model/token_merge.py``).
 
-Vectorised over the batch: :func:`merge_to_batched` merges (B, N, D) tokens with per-sample valid
+:class:`MergingPruner` is the base of the pre-LLM merging pruners (ToMe, AIM). Vectorised over the batch: :func:`merge_to_batched` merges (B, N, D) tokens with per-sample valid
 lengths ``n`` and targets, a fixed handful of kernels per step whatever B (a ``bmm`` of the A/B
 scores, a row ``max``, a stable ``argsort``, one gather into the next step's order and one
 ``index_add_`` of the merged tokens). Padded entries (beyond a sample's ``n``) never score or
@@ -19,8 +19,13 @@ merge and come back as source -1 with zero values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from ..engine.state import PruneState, Selection
+from .base import Pruner, resolve_keep
 
 MODES = ("wavg", "mean")
 
@@ -172,3 +177,29 @@ def merge_to(x: torch.Tensor, metric: torch.Tensor | None, target: int, aim: boo
                                      mode="mean" if aim else "wavg", aim_schedule=aim)
     order = slots[0].argsort()
     return values[0][order], slots[0][order]
+
+
+@dataclass
+class MergingPruner(Pruner):
+    """Base of the pre-LLM merging pruners (:class:`~.tome.ToMe`, :class:`~.aim.AIMMerge`): merge each
+    sample's visual tokens down to ``keep`` with :func:`merge_to_batched`, the whole batch at once (no
+    Python loop over samples); the merged tokens fill the first visual slots in the last step's output
+    order, the order the LLM reads (positions re-packed). Subclasses set ``mode`` and ``aim_schedule``
+    (class constants, not fields) and the matching metric (:meth:`_merge_inputs`)."""
+
+    site: str = "vision"
+    mode = "wavg"
+    aim_schedule = False
+
+    def _merge_inputs(self, state: PruneState) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
+        """(tokens, metric or None to match on the tokens themselves)."""
+        raise NotImplementedError
+
+    def select(self, state: PruneState) -> Selection:
+        n = state.n_visual
+        k = resolve_keep(self.keep, state.n_visual_original).clamp(max=n)
+        x, metric = self._merge_inputs(state)
+        vals, source = merge_to_batched(x, metric, k, n=n, mode=self.mode, aim_schedule=self.aim_schedule)
+        ar = torch.arange(source.shape[1], device=source.device).expand_as(source)
+        index = torch.where(source >= 0, ar, -1)  # the first k visual slots, in the merged order
+        return Selection(indices=index, values=vals, values_space="llm", info={"source": source})

@@ -41,7 +41,7 @@ class PoolPruner(Pruner):
         rows, cols = state.image_grid
         P = rows * cols
         n0 = state.n_visual_original
-        if bool((n0 % P != 0).any()) and not state.engine.adapter.is_next:
+        if bool((n0 % P != 0).any()) and not state.any_resolution:
             raise ValueError(f"pool expects whole {rows}x{cols} grids of visual tokens, got {n0.tolist()}")
         k = int(resolve_keep(self.keep, n0).min())
         h, w = pooled_grid(rows, cols, min(k, P))

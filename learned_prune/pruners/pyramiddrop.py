@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.state import PruneState, Selection
-from .base import Pruner, resolve_keep, topk_selection
+from .base import Pruner, resolve_keep
+from .indices import topk_selection
+from .stages import fractional_layers
+
+PAPER_FRACTIONS = (0.25, 0.5, 0.75)  # boundaries 8/16/24 of 32 layers
 
 
-def stage_layers(num_layers: int, fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> list[int]:
+def stage_layers(num_layers: int, fractions: tuple[float, ...] = PAPER_FRACTIONS) -> list[int]:
     """Stage boundaries scaled by depth: 8/16/24 of 32 layers -> fractions 1/4, 1/2, 3/4."""
-    layers = sorted({min(num_layers - 1, max(1, round(f * num_layers))) for f in fractions})
-    return layers
+    return fractional_layers(num_layers, fractions)
 
 
 @dataclass
@@ -47,14 +50,14 @@ class PyramidDrop(Pruner):
     score_layer: str = "current"
     repack_positions: bool | None = field(default=True, kw_only=True)
 
-    def _boundaries(self, adapter) -> list[int]:
-        return list(self.layers) if self.layers else stage_layers(adapter.num_layers)
+    def _boundaries(self, depth: int) -> list[int]:
+        return list(self.layers) if self.layers else stage_layers(depth)
 
     def sites(self, adapter) -> list[str]:
-        return [f"llm:{k}" for k in self._boundaries(adapter)]
+        return [f"llm:{k}" for k in self._boundaries(adapter.num_layers)]
 
     def prepare(self, adapter) -> None:
-        bad = [k for k in self._boundaries(adapter) if not 1 <= k < adapter.num_layers]
+        bad = [k for k in self._boundaries(adapter.num_layers) if not 1 <= k < adapter.num_layers]
         if bad:
             raise ValueError(f"PyramidDrop layers {bad}: need 1 <= layer < {adapter.num_layers}")
         if self.score_layer not in ("previous", "current"):
@@ -71,8 +74,7 @@ class PyramidDrop(Pruner):
         return [torch.minimum(c, n).clamp(min=1) for c in counts]
 
     def select(self, state: PruneState) -> Selection:
-        adapter = state.engine.adapter
-        boundaries = self._boundaries(adapter)
+        boundaries = self._boundaries(state.llm_depth)
         stage = boundaries.index(state.layer)
         k = self.stage_counts(state.n_visual_original, len(boundaries))[stage].clamp(max=state.n_visual)
         score = state.attention("last", layer=self.score_layer)

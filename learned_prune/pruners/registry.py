@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .aim import AIMMerge
 from .base import Compose, PrunerBase
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .no_pruning import NoPruning
 from .pool import PoolPruner
 from .pyramiddrop import PyramidDrop
-from .simple import NoPruning, RandomPruner
+from .random_subset import RandomPruner
 from .sparsevlm import SparseVLM
-from .tome import AIMMerge, ToMe
+from .tome import ToMe
 from .transprune import TransPrune
 from .visionzip import VisionZip
 from .vtc_cls import VTCCLS

@@ -1,44 +1,7 @@
-"""Reference pruners: ``none`` (keep everything) and ``random`` (a seeded uniform subset)."""
+"""Transitional re-export: ``NoPruning`` moved to :mod:`.no_pruning`, ``RandomPruner`` to
+:mod:`.random_subset`. Delete once configs/method/{none,random}.yaml name the new modules."""
 
-from __future__ import annotations
+from .no_pruning import NoPruning
+from .random_subset import RandomPruner
 
-from dataclasses import dataclass
-
-import torch
-
-from ..engine.state import PruneState, Selection
-from .base import Pruner, PrunerBase
-
-
-@dataclass
-class NoPruning(PrunerBase):
-    """Keeps every visual token: the unpruned reference, run through the same engine."""
-
-    site: str = "vision"
-
-    def sites(self, adapter) -> list[str]:
-        return []
-
-    def select(self, state: PruneState) -> Selection:  # pragma: no cover - never called
-        raise RuntimeError("NoPruning has no site")
-
-
-@dataclass
-class RandomPruner(Pruner):
-    """Keeps a uniformly random subset of ``keep`` visual tokens (in their original order).
-
-    Seeded and batch-invariant: the subset depends only on ``seed`` and the visual-token count,
-    never on the global RNG or on which other samples share the batch, so every image of one
-    shape gets the same random positions (an unbiased baseline in expectation over a data set).
-    A strong baseline in the literature (DART, arXiv 2502.11494, Fig. 2). ``repack_positions=False``
-    keeps the kept tokens' original RoPE positions at the vision site: the control for heads that
-    do the same (BAViT).
-    """
-
-    site: str = "vision"
-    seed: int = 0
-
-    def score(self, state: PruneState) -> torch.Tensor:
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        row = torch.rand(state.visual_pos.shape[1], generator=g).to(state.hidden.device)
-        return row.expand_as(state.visual_pos)
+__all__ = ["NoPruning", "RandomPruner"]

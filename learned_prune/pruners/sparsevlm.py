@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.sequence import Sequence
 from ..engine.state import LayerTrace, PruneState, Selection
 from .base import Pruner, resolve_keep
-from .schedule import scale_layers
+from .indices import pad_rows
+from .stages import scale_layers
 
 _KEY = "sparsevlm_raters"
 # score.py (USE_VERSION=1_0): top-k counts at layers 2/6/15 of 576 visual tokens, per RETAIN_TOKN preset
@@ -110,12 +110,13 @@ class SparseVLM(Pruner):
     preset: int | None = None
     repack_positions: bool | None = field(default=True, kw_only=True)
 
-    def _layers(self, adapter) -> list[int]:
+    def _layers(self, depth: int) -> list[int]:
+        """The site layers (official layer + 1), scaled when the LLM is not deeper than the last."""
         sites = [l + 1 for l in self.layers]
-        return sites if max(sites) < adapter.num_layers else scale_layers(adapter.num_layers, sites)
+        return sites if max(sites) < depth else scale_layers(depth, sites)
 
     def sites(self, adapter) -> list[str]:
-        return [f"llm:{k}" for k in self._layers(adapter)]
+        return [f"llm:{k}" for k in self._layers(adapter.num_layers)]
 
     def observe_layers(self, adapter) -> list[int]:
         return [0]
@@ -123,16 +124,16 @@ class SparseVLM(Pruner):
     def prepare(self, adapter) -> None:
         if len(self.layers) != 3:
             raise ValueError(f"SparseVLM layers={self.layers}: the schedule has 3 stages")
-        self._layers(adapter)
+        self._layers(adapter.num_layers)
         if not 0 <= self.recycle < 1:
             raise ValueError(f"SparseVLM recycle={self.recycle}: must lie in [0, 1)")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"SparseVLM preset={self.preset}: choose one of {sorted(PRESETS)}")
 
-    def observe(self, layer: int, trace: LayerTrace, seq: Sequence) -> None:
-        """Layer 0: choose the raters from the embeddings (``trace.h_in``) and keep them in ``seq.extras``."""
-        text = seq.instruction_mask()
-        vpos, vvalid = seq.visual_positions()
+    def observe(self, layer: int, trace: LayerTrace, state: PruneState) -> None:
+        """Layer 0: choose the raters from the embeddings (``trace.h_in``) and keep them in ``state.extras``."""
+        text = state.instruction_mask
+        vpos, vvalid = state.visual_pos, state.visual_valid
         h = trace.h_in.float()
         v = torch.gather(h, 1, vpos[..., None].expand(*vpos.shape, h.shape[-1]))
         logits = v @ h.transpose(1, 2)  # (B, Nv, L), unscaled
@@ -140,13 +141,13 @@ class SparseVLM(Pruner):
         rel = (rel * vvalid[..., None]).sum(1) / vvalid.sum(1, keepdim=True).clamp_min(1)
         mean = rel.sum(1, keepdim=True) / text.sum(1, keepdim=True).clamp_min(1)
         raters = text & (rel > mean)
-        seq.extras[_KEY] = torch.where(raters.any(1, keepdim=True), raters, text)
+        state.extras[_KEY] = torch.where(raters.any(1, keepdim=True), raters, text)
 
     def raters(self, state: PruneState) -> torch.Tensor:
         """(B, L) bool: the rater tokens in the current sequence (chosen at layer 0)."""
-        if _KEY not in state.seq.extras:
+        if _KEY not in state.extras:
             raise RuntimeError("SparseVLM raters are chosen while layer 0 runs; run the model inside the pruner")
-        return state.seq.extras[_KEY] & state.valid
+        return state.extras[_KEY] & state.valid
 
     def stage_counts(self, keep: int, n_orig: int, n: int, stage: int) -> tuple[int, int]:
         """(top-k count, merged-token cap) of one sample at ``stage`` with ``n`` current visual tokens."""
@@ -165,12 +166,12 @@ class SparseVLM(Pruner):
         return keep - 1, 1
 
     def select(self, state: PruneState) -> Selection:
-        stage = self._layers(state.engine.adapter).index(state.layer)
+        stage = self._layers(state.llm_depth).index(state.layer)
         keep = resolve_keep(self.keep, state.n_visual_original)
         queries = self.raters(state)
         if not bool(queries.any(1).all()):  # no text after the image: the last prompt token rates
             idx = torch.arange(queries.shape[1], device=queries.device).expand_as(queries)
-            last = idx == torch.where(state.seq.prompt_valid, idx, -1).amax(1, keepdim=True)
+            last = idx == torch.where(state.prompt_valid, idx, -1).amax(1, keepdim=True)
             queries = torch.where(queries.any(1, keepdim=True), queries, last)
         score = state.attention(queries, layer="previous").float()
         hidden = state.visual_hidden
@@ -196,9 +197,4 @@ class SparseVLM(Pruner):
             slot = torch.cat([kept, deleted[deleted.numel() - c :]]).sort().values
             slots.append(slot)
             values.append(torch.cat(parts))
-        kmax = max(s.numel() for s in slots)
-        index = torch.full((len(slots), kmax), -1, dtype=torch.long, device=score.device)
-        out = hidden.new_zeros(len(slots), kmax, hidden.shape[-1])
-        for b, (s, v) in enumerate(zip(slots, values)):
-            index[b, : s.numel()], out[b, : s.numel()] = s, v
-        return Selection(indices=index, values=out)
+        return Selection(indices=pad_rows(slots), values=pad_rows(values, fill=0))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..engine.sequence import Sequence
 from ..engine.state import LayerTrace, PruneState, Selection
-from .base import Pruner, topk_selection
-from .schedule import scale_layers, stage_counts
+from .base import Pruner
+from .indices import topk_selection
+from .stages import scale_layer, scale_layers, stage_counts
 
 _KEY = "transprune_ttv"
 
@@ -72,20 +72,21 @@ class TransPrune(Pruner):
     score_layer: str = "current"
     repack_positions: bool | None = field(default=True, kw_only=True)
 
-    def _layers(self, adapter) -> list[int]:
-        return scale_layers(adapter.num_layers, self.layers)
+    def _layers(self, depth: int) -> list[int]:
+        return scale_layers(depth, self.layers)
 
     def sites(self, adapter) -> list[str]:
-        return [f"llm:{k}" for k in self._layers(adapter)]
+        return [f"llm:{k}" for k in self._layers(adapter.num_layers)]
 
     def observe_layers(self, adapter) -> list[int]:
         """0-based layers whose TTV accumulates: paper layers ``accumulate`` (1-based), scaled by depth,
         from at most the layer before the first site to the layer before the last site."""
-        n, sites = adapter.num_layers, self._layers(adapter)
-        first = min(max(0, round(self.accumulate[0] * n / 32) - 1), sites[0] - 1)
+        n = adapter.num_layers
+        sites = self._layers(n)
+        first = min(max(0, scale_layer(self.accumulate[0], n) - 1), sites[0] - 1)
         last = sites[-1] - 1  # the paper's lists end together (12); scaled, the last site may have moved up
         if self.accumulate[1] < self.layers[-1]:
-            last = min(last, max(first, round(self.accumulate[1] * n / 32) - 1))
+            last = min(last, max(first, scale_layer(self.accumulate[1], n) - 1))
         return list(range(first, last + 1))
 
     def prepare(self, adapter) -> None:
@@ -93,22 +94,24 @@ class TransPrune(Pruner):
             raise ValueError("TransPrune needs one ratio per pruning layer")
         if self.score_layer not in ("previous", "current"):
             raise ValueError(f"TransPrune score_layer must be 'current' or 'previous', got {self.score_layer!r}")
-        self._layers(adapter)
+        self._layers(adapter.num_layers)
 
-    def observe(self, layer: int, trace: LayerTrace, seq: Sequence) -> None:
-        valid = seq.prompt_valid if seq.keep_prob is None else seq.prompt_valid & (seq.keep_prob > 0)
+    def observe(self, layer: int, trace: LayerTrace, state: PruneState) -> None:
+        """Add this layer's TTV (both sub-layers) to each token's running sum in ``state.extras``."""
+        p = state.token_keep_prob
+        valid = state.prompt_valid if p is None else state.prompt_valid & (p > 0)
         ttv = transition_variation(trace.attn_in, trace.attn_out, valid)
         ttv = ttv + transition_variation(trace.mlp_in, trace.mlp_out, valid)
-        seq.extras[_KEY] = seq.extras.get(_KEY, torch.zeros_like(ttv)) + ttv
+        state.extras[_KEY] = state.extras.get(_KEY, torch.zeros_like(ttv)) + ttv
 
     def score(self, state: PruneState) -> torch.Tensor:
         """``TTV / sum(TTV) + IGA / sum(IGA)`` over each sample's visual tokens, (B, Nv)."""
         alive = state.visual_valid if state.keep_prob is None else state.visual_valid & (state.keep_prob > 0)
-        ttv = torch.gather(state.seq.extras[_KEY], 1, state.visual_pos).masked_fill(~alive, 0)
+        ttv = torch.gather(state.extras[_KEY], 1, state.visual_pos).masked_fill(~alive, 0)
         iga = state.attention("instruction", layer=self.score_layer).float().masked_fill(~alive, 0)
         return ttv / (ttv.sum(1, keepdim=True) + 1e-8) + iga / (iga.sum(1, keepdim=True) + 1e-8)
 
     def select(self, state: PruneState) -> Selection:
-        stage = self._layers(state.engine.adapter).index(state.layer)
+        stage = self._layers(state.llm_depth).index(state.layer)
         k = stage_counts(self.keep, state.n_visual_original, self.ratios)[stage].clamp(max=state.n_visual)
         return Selection(indices=topk_selection(self.score(state), state.visual_valid, k))

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.signals import image_tiles, tile_cls_attention, tile_hidden, tile_keys
 from ..engine.state import PruneState, Selection
 from .base import Pruner, resolve_keep
 from .fastervlm import ordered_selection, spatial_order
@@ -51,14 +50,14 @@ class VisionZip(Pruner):
 
     def select(self, state: PruneState) -> Selection:
         k = resolve_keep(self.keep, state.n_visual_original).clamp(max=state.n_visual)
-        attn = tile_cls_attention(state, -2, heads="sum")  # (T, P)
-        keys = tile_keys(state, -2)[:, 1:].float()  # (T, P, head_dim)
+        attn = state.tile_cls_attention(-2, heads="sum")  # (T, P)
+        keys = state.tile_keys(-2)[:, 1:].float()  # (T, P, head_dim)
         keys = keys / keys.norm(dim=-1, keepdim=True)
-        feats = tile_hidden(state)  # (T, 1 + P, Dv), [CLS] first
-        side = state.engine.adapter.patch_grid[1]
+        feats = state.tile_hidden()  # (T, 1 + P, Dv), [CLS] first
+        side = state.image_grid[1]
         P = attn.shape[1]
         rows, values = [], []
-        for b, imgs in enumerate(image_tiles(state)):
+        for b, imgs in enumerate(state.image_tiles()):
             share = max(1, int(k[b]) // max(1, sum(im.n_tiles for im in imgs)))
             dom = max(1, min(self.dominant if self.dominant is not None else round(share * DOMINANT_FRACTION), share))
             ctx = min(share - dom, P - (dom - 1))

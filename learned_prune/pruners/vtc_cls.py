@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.signals import tile_cls_attention
-from ..engine.state import PruneState, Selection
-from .base import Pruner
-from .fastervlm import NEXT_LAYOUTS, per_tile_selection
+from ..engine.state import PruneState
+from .fastervlm import TileScorePruner
+from .stages import scale_layer
+
+CLI_START, CLIP_L_DEPTH = 16, 24  # the official CLI's --layer 16 of CLIP-L's 24 layers
 
 
 @dataclass
-class VTCCLS(Pruner):
+class VTCCLS(TileScorePruner):
     """Keep the ``keep`` patches with the largest [CLS] attention summed over vision layers
     ``start_layer`` .. penultimate, head-mean, kept in spatial order, before the projector.
 
@@ -37,17 +38,9 @@ class VTCCLS(Pruner):
     start_layer: int | None = None
     next_layout: str = "official"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.next_layout not in NEXT_LAYOUTS:
-            raise ValueError(f"next_layout must be one of {NEXT_LAYOUTS}, got {self.next_layout!r}")
-
     def tile_scores(self, state: PruneState) -> torch.Tensor:
         """The summed [CLS] attention of every patch of every encoded tile, (T, P)."""
-        n = len(state.engine.adapter.vision_layers())
-        start = round(n * 16 / 24) if self.start_layer is None else self.start_layer % n
+        n = state.vision_depth
+        start = scale_layer(CLI_START, n, CLIP_L_DEPTH) if self.start_layer is None else self.start_layer % n
         start = min(start, n - 2)
-        return sum(tile_cls_attention(state, layer) for layer in range(start, n - 1))
-
-    def select(self, state: PruneState) -> Selection:
-        return per_tile_selection(state, self.tile_scores(state), self.keep, self.next_layout)
+        return sum(state.tile_cls_attention(layer) for layer in range(start, n - 1))

@@ -1,0 +1,106 @@
+"""The pruner protocol: the only contract the engine knows, with no-op defaults.
+
+The engine calls these methods on every pruner it is given, and nothing else:
+
+- ``sites(adapter)``: where the pruner acts (``"vision"`` or ``"llm:K"``);
+- ``prepare(adapter)``: check the pruner fits the backbone, when the engine is built;
+- ``select(state)``: the :class:`~.selection.Selection` at one site;
+- ``repacks(site)``: whether kept tokens get contiguous RoPE positions at that site;
+- ``observe_layers(adapter)`` / ``observe(layer, trace, state)``: watch decoder layers run;
+- ``attach(adapter)`` / ``release(adapter)``: install extra parts for one ``with`` block (LoRA).
+
+Every pruner derives from :class:`~learned_prune.pruners.base.PrunerBase`, which adds the
+``with pruner(model):`` entry point to this class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import LlavaAdapter
+    from .selection import LayerTrace, Selection
+    from .state import PruneState
+
+
+class PrunerProtocol:
+    """Base of every pruner: what the engine calls, with no-op defaults.
+
+    Subclasses set ``site`` (``"vision"`` or ``"llm:K"``) or override :meth:`sites`, and write
+    :meth:`select`. ``repack_positions`` (None = the site's default: re-pack at ``vision``, keep
+    original RoPE ids inside the LLM) says whether kept tokens get contiguous positions.
+    """
+
+    site: str = "vision"
+    repack_positions: bool | None = None
+
+    def sites(self, adapter: "LlavaAdapter") -> list[str]:
+        """The sites this pruner acts at."""
+        return [self.site]
+
+    def prepare(self, adapter: "LlavaAdapter") -> None:
+        """Check the pruner fits the backbone (called when the engine is built). Raise with what to change."""
+
+    def select(self, state: "PruneState") -> "Selection":  # pragma: no cover - abstract
+        """The pruner's decision at one site."""
+        raise NotImplementedError
+
+    def repacks(self, site: str) -> bool:
+        """Whether the tokens kept at ``site`` get contiguous positions (``repack_positions``, else the site's default)."""
+        return (site == "vision") if self.repack_positions is None else bool(self.repack_positions)
+
+    def observe_layers(self, adapter: "LlavaAdapter") -> list[int]:
+        """Decoder layers (0-based) after which :meth:`observe` is called; none by default."""
+        return []
+
+    def observe(self, layer: int, trace: "LayerTrace", state: "PruneState") -> None:
+        """Called after decoder layer ``layer`` ran, with what it did (``trace``) and the sequence it ran on."""
+
+    def attach(self, adapter: "LlavaAdapter") -> None:
+        """Install extra parts on the model (e.g. a head's LoRA adapters) when the engine is entered."""
+
+    def release(self, adapter: "LlavaAdapter") -> None:
+        """Remove what :meth:`attach` installed; called on exit, also after an exception."""
+
+
+class _Unconformed(PrunerProtocol):
+    """Transitional: a pruner that does not derive from :class:`PrunerProtocol` yet (learned heads and
+    ``VisualExit`` until they derive from ``PrunerBase``), seen through the protocol's defaults.
+    Delete with :func:`conform` once they do."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def _call(self, name: str, default: Any, *args: Any) -> Any:
+        method = getattr(self.inner, name, None)
+        return default if method is None else method(*args)
+
+    def sites(self, adapter):
+        return self.inner.sites(adapter)
+
+    def prepare(self, adapter):
+        self._call("prepare", None, adapter)
+
+    def select(self, state):
+        return self.inner.select(state)
+
+    def repacks(self, site):
+        repack = getattr(self.inner, "repack_positions", None)
+        return (site == "vision") if repack is None else bool(repack)
+
+    def observe_layers(self, adapter):
+        return self._call("observe_layers", [], adapter)
+
+    def observe(self, layer, trace, state):
+        self.inner.observe(layer, trace, state)
+
+    def attach(self, adapter):
+        self._call("attach", None, adapter)
+
+    def release(self, adapter):
+        self._call("release", None, adapter)
+
+
+def conform(pruner: Any) -> PrunerProtocol:
+    """``pruner`` itself when it follows the protocol; otherwise (transitional) a view with its defaults."""
+    return pruner if isinstance(pruner, PrunerProtocol) else _Unconformed(pruner)
