@@ -44,6 +44,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..engine.attention import attention_rows
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..modules.schedule import schedule_length, warmup_cosine_factor
 from .draw import SHAPES
@@ -137,23 +138,12 @@ class BackboneModule(pl.LightningModule):
         visual = (ids == self.model.config.image_token_id).nonzero()[:, 1].view(B, -1)
         order = torch.arange(L, device=ids.device)[None].expand(B, L)
         pos = order if positions is None else positions  # the positions the forward used
-        allowed = mask & (order <= query[:, None])
+        qpos, qvalid = query.clamp_min(0)[:, None], (query >= 0)[:, None]
         n = len(lm.layers)
         layers = self.hparams.ground_layers or [n // 2 - 1, n // 2]
         losses = []
-        for li in layers:
-            block = lm.layers[li]
-            attn = block.self_attn
-            x = block.input_layernorm(hidden_states[li])
-            q = attn.q_proj(x[torch.arange(B), query]).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
-            cos, sin = lm.rotary_emb(x, pos)
-            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-            qc, qs = cos[torch.arange(B), query][:, None, None], sin[torch.arange(B), query][:, None, None]
-            q = q * qc + _rotate_half(q) * qs
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
-            probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # (B, L)
+        for li in layers:  # the head-mean attention row of the answer-predicting token, rebuilt from q/k
+            probs = attention_rows(lm.layers[li], lm.rotary_emb, hidden_states[li], pos, mask, qpos, qvalid)[:, 0]
             on_target = (torch.gather(probs, 1, visual) * target).sum(1)
             losses.append(-torch.log(on_target[has] + 1e-6).mean())
         return torch.stack(losses).mean()
@@ -355,7 +345,3 @@ def sincos_position_init(tower: nn.Module, scale: float = 0.5) -> None:
         weight[0].zero_()
         weight[1:] = torch.cat(parts, 1).to(weight.dtype) * scale
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
