@@ -81,14 +81,14 @@ def test_analytic_flops_follow_kept_counts():
     assert pruned["llm"] == L * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
 
 
-def _grid(tmp_path, methods, keeps, repeats=1):
+def _grid(tmp_path, methods, keeps, repeats=1, config=None):
     model, processor = get_tiny("llava")
     dm = ShapesVQADataModule(processor, batch_size=4, test_size=8, val_size=4, train_size=4)
     batch = next(iter(dm._loader(dm.test_set, False, 1)))
     timing = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
               "pixel_values": batch["pixel_values"]}
     return run_grid(model, processor, dm.test_dataloader(), timing, methods, keeps, "shapes:test", tmp_path,
-                    config={"note": "test"}, repeats=repeats, warmup=0)
+                    config=config or {"note": "test"}, repeats=repeats, warmup=0)
 
 
 def test_grid_without_timing_records_accuracy_only(tmp_path):
@@ -165,3 +165,15 @@ def test_the_plot_tells_every_method_apart_and_sets_heads_apart():
     assert method_label(heads[0]) == ("atp-tiny", True)
     assert method_label(heads[1]) == ("dyvte-tiny@threshold=0.9+fastv", True)
     assert flops_unit([3.1e8, 4.8e7]) == (1e6, "MFLOPs") and flops_unit([3.8e12])[1] == "TFLOPs"
+
+
+def test_a_grid_folder_of_another_setting_is_refused_not_mixed(tmp_path):
+    import pytest
+
+    setting = {"backbone": {"name_or_path": "a"}, "data": {"test_size": 8}, "max_new_tokens": 2}
+    _grid(tmp_path, ["none"], [16], repeats=0, config=setting)
+    assert len(_grid(tmp_path, ["none", "fastv"], [16], repeats=0, config=setting)) == 2  # same setting: resumes
+    for key, value in [("backbone", {"name_or_path": "b"}), ("data", {"test_size": 9}), ("max_new_tokens", 5)]:
+        with pytest.raises(ValueError, match=f"another setting.*{key}.*hydra.run.dir"):
+            _grid(tmp_path, ["none", "fastv"], [16], repeats=0, config={**setting, key: value})
+    assert len(load_records(tmp_path / "results.jsonl")) == 2  # nothing was appended

@@ -24,6 +24,28 @@ from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
 
+# the parts of eval.py's config that change a result (the grid's own methods/keep lists do not)
+SETTING_KEYS = ("backbone", "data", "max_new_tokens", "seed", "timing")
+
+
+def result_setting(config: dict[str, Any]) -> dict[str, Any]:
+    """What, besides method and budget, decides a record's numbers: backbone, data, generation and timing."""
+    return {k: config[k] for k in SETTING_KEYS if k in config}
+
+
+def check_same_setting(records: list[dict[str, Any]], setting: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a results file written under another setting (its records would pass for new ones)."""
+    for r in records:
+        old = r.get("setting", result_setting(r.get("config", {})))
+        if old != setting:
+            diff = [f"{k}: {old.get(k)!r} -> {setting.get(k)!r}" for k in sorted(set(old) | set(setting))
+                    if old.get(k) != setting.get(k)]
+            raise ValueError(
+                f"{path} holds results of another setting ({'; '.join(diff)[:600]}); mixing them would pass old "
+                "records for new ones. Write to a new folder (hydra.run.dir=...) or move that file away."
+            )
+
+
 @torch.no_grad()
 def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, keep: Any,
                         max_new_tokens: int = 2, options: dict[str, dict] | None = None,
@@ -96,6 +118,8 @@ def run_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
     records = load_records(path)
+    setting = result_setting(config or {})
+    check_same_setting(records, setting, path)
     done = {record_key(r) for r in records}
     grid = [("none", "all")] if "none" in methods else []
     for m in methods:
@@ -111,7 +135,8 @@ def run_grid(
         timing = (time_prefill_and_generation(model, build_pruner(method, keep, options), timing_inputs, repeats, warmup,
                                               max_new_tokens) if repeats > 0 else dict.fromkeys(TIMING_FIELDS))
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
-                  "seconds": round(time.time() - start, 1), "config": config or {}}
+                  "seconds": round(time.time() - start, 1), "setting": setting,
+                  "options": (options or {}).get(method.split("@")[0], {}), "config": config or {}}
         append_record(path, record)
         records.append(record)
     return records
