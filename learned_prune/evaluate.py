@@ -36,14 +36,18 @@ def resolve_methods(methods: list[str] | None, checkpoints: Path) -> list[str]:
 
 
 def method_options(config_dir: Path) -> dict[str, dict]:
-    """Constructor arguments per method from ``configs/method/<name>.yaml`` (the budget is the grid's)."""
+    """Constructor arguments per method from ``configs/method/<name>.yaml`` (the budget is the grid's).
+
+    Each file is an instantiable config of the pruner class (``_target_`` plus its arguments); the
+    method's name is the file's name, and ``_target_``/``name``/``keep`` are dropped.
+    """
     import yaml
 
     out = {}
     for path in sorted(config_dir.glob("*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}
         name = values.pop("name", path.stem)
-        out[name] = {k: v for k, v in values.items() if k != "keep"}
+        out[name] = {k: v for k, v in values.items() if k not in ("_target_", "keep")}
     return out
 
 
