@@ -14,6 +14,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from .modules.callbacks import ExportOnTrainEnd, LastCheckpoint
+
 
 def _instantiate_all(section: DictConfig | None) -> list[Any]:
     if not section:
@@ -38,10 +40,23 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     return dict(model=model, processor=processor, datamodule=datamodule, module=module, trainer=trainer)
 
 
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """``metrics[name]``: the value a sweep optimises; None when no metric is named. A named metric the
+    run did not log is an error listing the logged names (a sweep must not optimise a missing value)."""
+    if not name:
+        return None
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics)) or "none"
+        raise KeyError(f"optimized_metric={name!r} was not logged by this run; logged metrics: {logged}. "
+                       "Set optimized_metric to one of them (e.g. in configs/experiment/<recipe>.yaml)")
+    return metrics[name]
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit (resuming from ``ckpt_path`` if set), test the best checkpoint, export, print a summary.
 
-    Returns the value of ``cfg.optimized_metric`` (what sweeps optimise), or None if it was not logged.
+    Returns the value of ``cfg.optimized_metric`` (what sweeps optimise; None when it is null) and
+    raises, after writing the summary, when that metric was not logged.
     """
     start = time.time()
     parts = build(cfg)
@@ -58,8 +73,9 @@ def train(cfg: DictConfig) -> float | None:
     summary = {
         "metrics": metrics,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) if trainer.checkpoint_callback else None,
-        "last_checkpoint": next((str(c.path) for c in trainer.callbacks if hasattr(c, "every_n_steps")), None),
-        "exported_to": next((str(c.exported_to) for c in trainer.callbacks if getattr(c, "exported_to", None)), None),
+        "last_checkpoint": next((str(c.path) for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None),
+        "exported_to": next((str(c.exported_to) for c in trainer.callbacks
+                             if isinstance(c, ExportOnTrainEnd) and c.exported_to), None),
         "output_dir": cfg.paths.output_dir,
         "global_step": trainer.global_step,
         "minutes": round((time.time() - start) / 60, 2),
@@ -71,4 +87,4 @@ def train(cfg: DictConfig) -> float | None:
         print(f"  {k:28s} {v:.4f}")
     for k in ("best_checkpoint", "last_checkpoint", "exported_to", "output_dir", "global_step", "minutes"):
         print(f"  {k:28s} {summary[k]}")
-    return metrics.get(cfg.get("optimized_metric") or "")
+    return optimized_value(metrics, cfg.get("optimized_metric"))

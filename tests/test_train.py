@@ -200,3 +200,21 @@ def test_no_limit_at_all_fails_before_training_with_what_to_set(tmp_path):
     parts = build(_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=-1"))
     with pytest.raises(ValueError, match="trainer.max_steps=N"):
         parts["trainer"].fit(parts["module"], datamodule=parts["datamodule"])
+
+
+def test_train_returns_the_optimized_metric_and_fails_loudly_when_it_was_not_logged(tmp_path):
+    import json
+
+    import pytest
+
+    from learned_prune.run import optimized_value
+
+    assert optimized_value({"val/acc": 0.5}, "val/acc") == 0.5
+    assert optimized_value({"val/acc": 0.5}, None) is None
+    with pytest.raises(KeyError, match=r"optimized_metric='val/acc' was not logged by this run; logged metrics: "
+                                       r"train/loss, val/f1"):
+        optimized_value({"val/f1": 1.0, "train/loss": 2.0}, "val/acc")
+    with pytest.raises(KeyError, match=r"optimized_metric='val/no_such_metric'.*logged metrics: .*train/loss"):
+        train(_cfg(tmp_path, "trainer.max_steps=1", "optimized_metric=val/no_such_metric",
+                   "callbacks.model_checkpoint.monitor=train/loss"))
+    assert "train/loss" in json.loads((tmp_path / "summary.json").read_text())["metrics"]  # the run's record is kept
