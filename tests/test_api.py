@@ -175,3 +175,66 @@ def test_every_pruner_runs_with_sdpa_and_never_eager(monkeypatch, family):
     finally:
         hook.remove()
     assert not any(seen)
+
+
+# ---- learned heads: the same pruner protocol, hyper-parameters saved from their constructor ---------------
+
+HEAD_ARGS = {  # non-default constructor arguments of every head class (sizes of a tiny backbone)
+    "atp": dict(hidden_size=64, num_layers=8, layers=[2, 6], target=0.3, temperature=5.0, stride=3, width=16,
+                layer_cost=0.1),
+    "lvpruning": dict(hidden_size=64, num_layers=8, layers=[2, 3, 6], ratios=[0.6, 0.4, 0.2], heads=4, blocks=1,
+                      tau=0.5, keep=0.25),
+    "bavit": dict(vision_hidden=64, width=32, depth=1, heads=2, threshold=0.3, min_keep=2, keep=12,
+                  repack_positions=True),
+    "dyvte": dict(hidden_size=64, num_layers=8, width=32, threshold=[0.6, 0.7, 0.8, 0.9, 0.9, 0.9, 0.9], min_layer=2),
+}
+
+
+def test_every_head_class_has_round_trip_arguments():
+    from learned_prune.pruners.heads import HEADS
+
+    assert set(HEAD_ARGS) == set(HEADS)
+
+
+@pytest.mark.parametrize("method", sorted(HEAD_ARGS))
+def test_a_head_exports_its_constructor_arguments_and_loads_equal(method, tmp_path):
+    """config.json "hparams" are the constructor's arguments, derived from the signature (no hand-written list);
+    load_pruner(folder) rebuilds a head with equal arguments and weights."""
+    from learned_prune.pruners.heads import HEADS
+
+    torch.manual_seed(0)
+    head = HEADS[method](**HEAD_ARGS[method])
+    assert head.hparams() == HEAD_ARGS[method]
+    head.save_pretrained(tmp_path / method)
+    loaded = load_pruner(str(tmp_path / method))
+    assert type(loaded) is type(head) and loaded.hparams() == head.hparams()
+    torch.testing.assert_close(loaded.state_dict(), head.state_dict())
+    again = HEADS[method](**loaded.hparams())  # the saved arguments rebuild the same head
+    assert again.hparams() == head.hparams()
+
+
+def test_a_head_saves_the_values_it_resolved_for_null_arguments():
+    from learned_prune.pruners.dyvte import DyVTEHead
+    from learned_prune.pruners.lvpruning import LVPruningHead
+
+    assert LVPruningHead(64, 8, layers=None, heads=None).hparams()["heads"] == 8
+    assert DyVTEHead(64, 8, width=None).hparams()["width"] == 128
+
+
+@torch.no_grad()
+def test_a_learned_head_is_installed_like_any_pruner_and_is_not_a_layer():
+    from learned_prune.engine import Engine
+    from learned_prune.pruners import PrunerBase
+    from learned_prune.pruners.atp import ATPHead
+
+    model, processor = get_tiny("llava")
+    head = ATPHead(model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers).eval()
+    assert isinstance(head, PrunerBase) and isinstance(head, torch.nn.Module)
+    assert type(head).__call__ is PrunerBase.__call__
+    engine = head(model, mode="soft")
+    assert isinstance(engine, Engine) and engine.mode == "soft"
+    with head(model) as engine:
+        model(**make_batch(processor, 1))
+    assert engine.kept_tokens
+    with pytest.raises(TypeError, match=r"ATP head is a pruner, not a layer: install it .*with head\(model\)"):
+        head.forward(torch.zeros(1, 4))

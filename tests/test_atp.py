@@ -87,7 +87,9 @@ def test_atp_hard_mode_keeps_a_varying_count_per_instance():
 
 
 def test_sweep_parameters_are_valid_overrides():
-    for path in sorted((CONFIGS / "sweep").glob("*.yaml")):
+    sweeps = sorted((CONFIGS.parent / "sweeps" / "wandb").glob("*.yaml"))
+    assert {p.stem for p in sweeps} == {"atp", "bavit", "dyvte", "lvpruning"}
+    for path in sweeps:
         sweep = yaml.safe_load(path.read_text())
         assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
         module = next(c for c in sweep["command"] if str(c).startswith("module="))

@@ -43,7 +43,7 @@ def test_bavit_keeps_what_it_classifies_as_foreground():
         head.classify.bias.copy_(torch.tensor([0.0, 0.0]))
         tower = model.model.vision_tower
         emb = tower.pre_layrnorm(tower.embeddings(batch["pixel_values"]))[:, 1:]
-        p = head(emb).softmax(-1)[..., 1]
+        p = head.logits(emb).softmax(-1)[..., 1]
         with head(model) as engine:
             model(**batch)
     want = (p > 0.5).sum(1).clamp(min=1)

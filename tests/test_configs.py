@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -119,3 +119,108 @@ def test_every_registered_pruner_has_a_method_config():
     assert set(options) == set(PRUNERS)
     for name, kwargs in options.items():
         load_pruner(name, **kwargs)
+
+
+# ---- recipes from config: the head and the optimizer come from configs/module/<name>.yaml -----------------
+
+LEARNED = ["atp", "bavit", "dyvte", "lvpruning"]
+# one head argument per recipe, changed on the command line, with a value other than the shipped one
+HEAD_OVERRIDE = {"atp": ("stride", 3), "bavit": ("width", 32), "dyvte": ("min_layer", 2), "lvpruning": ("tau", 0.5)}
+
+
+def _head_class(cfg):
+    from hydra.utils import get_class
+
+    return get_class(cfg.module.head._target_)
+
+
+@pytest.mark.parametrize("module", LEARNED)
+def test_a_head_hyper_parameter_lives_in_one_place_and_reaches_the_export(compose_train, module, tmp_path):
+    """``module.head`` holds the head's arguments (and nothing else names them); overriding one on the
+    command line builds the head with it and the exported config.json carries it."""
+    import inspect
+
+    from learned_prune import tiny_llava
+    from learned_prune.pruners.learned import LearnedHead
+
+    arg, value = HEAD_OVERRIDE[module]
+    cfg = compose_train(f"module={module}", f"module.head.{arg}={value}")
+    head_cfg = {k: v for k, v in OmegaConf.to_container(cfg.module.head).items() if not k.startswith("_")}
+    assert cfg.module.head._partial_ and issubclass(_head_class(cfg), LearnedHead)
+    assert set(head_cfg) <= set(inspect.signature(_head_class(cfg).__init__).parameters)
+    assert not set(head_cfg) & set(cfg.module), "a head argument is also a module argument"
+    assert cfg.module.optimizer._target_ == "torch.optim.AdamW" and cfg.module.optimizer._partial_
+    assert "lr" in cfg.module.optimizer and "lr" not in cfg.module
+
+    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    with open_dict(cfg):
+        cfg.module.export_dir = str(tmp_path / "head")
+    built = instantiate(cfg.module, model=model, processor=processor)
+    assert isinstance(built.head, _head_class(cfg)) and getattr(built.head, arg) == value
+    exported = json.loads((built.export(tmp_path / "head") / "config.json").read_text())["hparams"]
+    assert exported[arg] == value
+    for key, given in head_cfg.items():  # every configured argument is exported as configured (null: resolved)
+        assert given is None or exported[key] == given, key
+    opt = built.make_optimizer([p for p in built.parameters() if p.requires_grad])
+    assert opt.defaults["lr"] == cfg.module.optimizer.lr and opt.defaults["weight_decay"] == cfg.module.optimizer.weight_decay
+
+
+def test_a_head_argument_the_head_refuses_fails_naming_the_config_node(compose_train):
+    from learned_prune import tiny_llava
+
+    model, processor = tiny_llava("llava", text_layers=4, seed=0)
+    cfg = compose_train("module=dyvte")  # seven thresholds: one per router of an 8-layer LLM
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"module.head: DyVTE threshold.*one per router site llm:1..llm:3"):
+        instantiate(cfg.module, model=model, processor=processor)
+
+
+@pytest.mark.parametrize("module", LEARNED + ["backbone"])
+def test_a_recipe_takes_its_trainer_and_data_from_its_experiment_config(compose_train, module):
+    """configs/module/<name>.yaml holds no trainer/data values; configs/experiment/<name>.yaml does, and
+    `module=<name>` selects it (an explicit experiment=... still comes last)."""
+    import yaml
+
+    own = yaml.safe_load((CONFIGS / "module" / f"{module}.yaml").read_text())
+    assert not {"trainer", "data", "optimized_metric"} & set(own)
+    recipe = yaml.safe_load((CONFIGS / "experiment" / f"{module}.yaml").read_text())
+    cfg = compose_train(f"module={module}")
+    for group in ("trainer", "data"):
+        for key, value in recipe[group].items():
+            assert cfg[group][key] == value
+    if "optimized_metric" in recipe:
+        assert cfg.optimized_metric == recipe["optimized_metric"]
+    assert compose_train(f"module={module}", "trainer.max_steps=7").trainer.max_steps == 7
+
+
+def test_an_experiment_given_on_the_command_line_overrides_the_recipe(compose_train):
+    cfg = compose_train("experiment=backbone_fast")
+    assert cfg.module._target_.endswith("BackboneModule") and cfg.trainer.max_steps == 200
+    assert cfg.module.tower_steps == 50 and cfg.data.val_size == 128
+
+
+# ---- configs/method: instantiable pruner configs --------------------------------------------------------
+
+@pytest.mark.parametrize("method", _options("method"))
+def test_every_method_config_instantiates_its_registered_pruner(method):
+    """`+method=<name>` composes in eval.py's config; hydra.utils.instantiate builds the registry's class
+    with the same arguments eval.py gives load_pruner (method_options)."""
+    import dataclasses
+
+    from learned_prune import PRUNERS
+    from learned_prune.evaluate import method_options
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+            cfg = compose("eval", overrides=[f"+method={method}"])
+    finally:
+        GlobalHydra.instance().clear()
+    pruner = instantiate(cfg.method)
+    assert type(pruner) is PRUNERS[method]
+    options = method_options(CONFIGS / "method")[method]
+    assert "_target_" not in options and "name" not in options and "keep" not in options
+    fields = {f.name: getattr(pruner, f.name) for f in dataclasses.fields(pruner)} if dataclasses.is_dataclass(pruner) else {}
+    for key, value in options.items():
+        assert fields[key] == value, key

@@ -214,12 +214,15 @@ def test_per_layer_thresholds_pick_the_exit_layer_and_round_trip(tmp_path):
         DyVTEHead(tc.hidden_size, 8, threshold=[0.5] * 6 + [1.5])
 
 
-def test_a_per_layer_threshold_for_another_depth_fails_with_the_override_to_use(tmp_path):
+def test_a_per_layer_threshold_for_another_depth_fails_with_the_config_node_to_change(tmp_path):
+    from functools import partial
+
     from learned_prune.modules import DyVTEModule
 
     model, processor = tiny_llava("llava", text_layers=4, seed=0)
-    with pytest.raises(ValueError, match=r"3 routers.*set module.threshold=0.5"):
-        DyVTEModule(model, processor, threshold=[0.75] * 7)
+    with pytest.raises(ValueError, match=r"module.head: .*one float for every router \(e.g. 0.5\), or one per router "
+                                         r"site llm:1..llm:3 \(3 values\), got 7"):
+        DyVTEModule(model, processor, head=partial(DyVTEHead, threshold=[0.75] * 7))
 
 
 def test_label_buffer_keeps_the_newest_samples_and_draws_only_stored_ones():

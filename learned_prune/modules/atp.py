@@ -7,25 +7,13 @@ from typing import Any
 from torch import nn
 
 from ..pruners.atp import ATPHead
-from .learned import LearnedPrunerModule
+from .learned import HeadFactory, LearnedHead, LearnedPrunerModule
 
 
 class ATPModule(LearnedPrunerModule):
-    """Builds an :class:`~learned_prune.pruners.atp.ATPHead` sized for ``model`` and trains it."""
+    """Trains an :class:`~learned_prune.pruners.atp.ATPHead` sized for ``model`` (its hyper-parameters:
+    ``module.head`` in ``configs/module/atp.yaml``; the class's defaults when ``head`` is not given)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        processor: Any = None,
-        target: float = 0.2,
-        layers: list[int] | None = None,
-        temperature: float = 10.0,
-        stride: int = 4,
-        width: int = 64,
-        layer_cost: float = 0.05,
-        **kwargs: Any,
-    ) -> None:
-        tc = model.config.text_config
-        head = ATPHead(tc.hidden_size, tc.num_hidden_layers, layers=list(layers) if layers else None, target=target,
-                       temperature=temperature, stride=stride, width=width, layer_cost=layer_cost)
+    def __init__(self, model: nn.Module, processor: Any = None, head: LearnedHead | HeadFactory = ATPHead,
+                 **kwargs: Any) -> None:
         super().__init__(model, head, processor=processor, **kwargs)

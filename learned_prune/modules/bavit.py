@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score
 
 from ..pruners.bavit import BAViTHead
-from .learned import LearnedPrunerModule
+from .learned import HeadFactory, LearnedHead, LearnedPrunerModule
 
 
 def grow_patch_mask(mask: torch.Tensor, margin: int) -> torch.Tensor:
@@ -37,19 +37,22 @@ def grow_patch_mask(mask: torch.Tensor, margin: int) -> torch.Tensor:
 
 
 class BAViTModule(LearnedPrunerModule):
-    """Builds a :class:`~learned_prune.pruners.bavit.BAViTHead` for ``model`` and trains it on patch masks."""
+    """Trains a :class:`~learned_prune.pruners.bavit.BAViTHead` for ``model`` on patch masks (the head's
+    hyper-parameters: ``module.head`` in ``configs/module/bavit.yaml``); ``margin`` grows the labels."""
 
-    def __init__(self, model: nn.Module, processor: Any = None, width: int = 64, depth: int = 2, heads: int = 4,
-                 threshold: float = 0.5, min_keep: int = 1, margin: int = 1, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, processor: Any = None, head: LearnedHead | HeadFactory = BAViTHead,
+                 margin: int = 1, **kwargs: Any) -> None:
         if margin < 0:
             raise ValueError(f"BAViT margin={margin}: the label margin is a number of patches >= 0")
-        head = BAViTHead(model.config.vision_config.hidden_size, width=width, depth=depth, heads=heads,
-                         threshold=threshold, min_keep=min_keep)
         kwargs.setdefault("budget_weight", 0.0)
         kwargs.setdefault("distill_weight", 0.0)
         super().__init__(model, head, processor=processor, **kwargs)
         self.token_acc = nn.ModuleDict({f"{s}_": BinaryAccuracy() for s in ("train", "val", "test")})
         self.token_f1 = nn.ModuleDict({f"{s}_": BinaryF1Score() for s in ("train", "val", "test")})  # "train" is a reserved name
+
+    def head_sizes(self, model: nn.Module) -> dict[str, int]:
+        """The classifier reads the vision tower's patch embeddings: its width."""
+        return {"vision_hidden": model.config.vision_config.hidden_size}
 
     def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen tower's input tokens (patch embeddings + positions, pre-norm), [CLS] dropped."""
@@ -64,7 +67,7 @@ class BAViTModule(LearnedPrunerModule):
         if "patch_mask" not in batch:
             raise KeyError("BAViT needs per-patch foreground labels (`patch_mask`) in the batches: "
                            "use data=shapes or data=coco_masks")
-        logits = self.head(self.patch_embeddings(batch["pixel_values"]).float())
+        logits = self.head.logits(self.patch_embeddings(batch["pixel_values"]).float())
         target = grow_patch_mask(batch["patch_mask"].bool(), self.hparams.margin).long()
         if logits.shape[1] != target.shape[1]:
             raise ValueError(f"the tower gives {logits.shape[1]} patches but the masks have {target.shape[1]}: "

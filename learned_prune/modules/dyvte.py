@@ -23,7 +23,7 @@ validation, against 23% without replay (checkpoints/dyvte-tiny/README.md). The b
 memory (``replay_capacity x (L-1) x 2C`` float32 values: 59 MB for the embedded backbone at the
 default 8,192; 1.0 GB per 1,024 samples for a 32-layer, C=4096 LLM, so lower ``replay_capacity``
 there), is not saved in checkpoints and refills after a resume. The class defaults to ``replay=0``
-(the official recipe); ``configs/module/dyvte.yaml`` ships ``replay=224`` with lr 3e-3.
+(the official recipe); ``configs/module/dyvte.yaml`` ships ``replay=224`` with lr 3e-3 (``module.optimizer.lr``).
 
 Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer
 distribution and ``llm_flops_saved``, the fraction of LLM prefill FLOPs the exits save.
@@ -44,7 +44,7 @@ from ..engine.sequence import build_mask, compact_index
 from ..evaluation.flops import llm_layer_flops
 from ..evaluation.vqa import AnswerAccuracy
 from ..pruners.dyvte import DyVTEHead, router_features
-from .learned import LearnedPrunerModule
+from .learned import HeadFactory, LearnedHead, LearnedPrunerModule
 
 
 def answer_loss_and_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,15 +102,14 @@ class LabelBuffer:
 
 
 class DyVTEModule(LearnedPrunerModule):
-    """Builds a :class:`~learned_prune.pruners.dyvte.DyVTEHead` for ``model`` and trains its routers."""
+    """Trains the routers of a :class:`~learned_prune.pruners.dyvte.DyVTEHead` for ``model`` (the head's
+    hyper-parameters: ``module.head`` in ``configs/module/dyvte.yaml``) on labels the frozen model makes."""
 
     def __init__(
         self,
         model: nn.Module,
         processor: Any = None,
-        width: int | None = None,
-        threshold: float | list[float] = 0.5,
-        min_layer: int = 1,
+        head: LearnedHead | HeadFactory = DyVTEHead,
         layers_per_step: int | None = None,
         margin: float = 0.2,
         rel_margin: float = 0.03,
@@ -118,16 +117,9 @@ class DyVTEModule(LearnedPrunerModule):
         replay_capacity: int = 8192,
         **kwargs: Any,
     ) -> None:
-        tc = model.config.text_config
-        if not isinstance(threshold, (int, float)) and len(threshold) != tc.num_hidden_layers - 1:
-            raise ValueError(f"module.threshold has {len(threshold)} values, one per router of the backbone they were "
-                             f"chosen for; this backbone has {tc.num_hidden_layers - 1} routers (llm:1..llm:"
-                             f"{tc.num_hidden_layers - 1}): set module.threshold=0.5 (one value for all) or give "
-                             f"{tc.num_hidden_layers - 1} values")
         if replay < 0 or (replay and replay_capacity < 1):
             raise ValueError(f"module.replay={replay}, module.replay_capacity={replay_capacity}: replay is a number of "
                              f"earlier labelled samples per step (0 disables it) and needs replay_capacity >= 1")
-        head = DyVTEHead(tc.hidden_size, tc.num_hidden_layers, width=width, threshold=threshold, min_layer=min_layer)
         kwargs.setdefault("distill_weight", 0.0)
         kwargs.setdefault("budget_weight", 0.0)
         super().__init__(model, head, processor=processor, **kwargs)

@@ -14,11 +14,19 @@
   ``adapter_model.safetensors``, applied whenever the loaded head is installed.
 * Logs: ``train/`` and ``val/`` losses, accuracy (torchmetrics), kept-token fraction per site and
   budget error. Method-specific code lives in the head, not here.
+* The head and the optimizer come from the config (``configs/module/<name>.yaml``), as
+  lightning-hydra-template modules receive their net and optimizer: ``module.head`` is the head
+  class with its hyper-parameters and ``_partial_: true`` (the module supplies the backbone sizes,
+  :meth:`LearnedPrunerModule.head_sizes`); ``module.optimizer`` is ``torch.optim.AdamW`` with
+  ``_partial_: true``, given the trainable parameters in :meth:`configure_optimizers`. A head's
+  hyper-parameters are written once, in its config; the export saves them (``config.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,10 @@ from ..engine import Engine
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..pruners.learned import LearnedHead
 from ..pruners.lora import LoraSettings, add_lora, lora_disabled, lora_state_dict
-from .schedule import schedule_length, warmup_cosine
+from .lr_schedule import schedule_length, warmup_cosine
+
+HeadFactory = Callable[..., LearnedHead]  # the head class, or a partial of it: called with the backbone sizes
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # e.g. partial(AdamW, lr=1e-3)
 
 
 def _plain_hparams(hparams: Any) -> None:
@@ -46,16 +57,20 @@ def _plain_hparams(hparams: Any) -> None:
 
 
 class LearnedPrunerModule(pl.LightningModule):
-    """Train ``head`` on a frozen ``model``; ``export()`` writes the head folder."""
+    """Train ``head`` on a frozen ``model``; ``export()`` writes the head folder.
+
+    ``head`` is a built head or a head factory (the class, or the config's partial of it), called
+    with :meth:`head_sizes`; ``optimizer`` a factory of the optimizer over the trainable
+    parameters (default ``AdamW(lr=1e-3, weight_decay=0)``).
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        head: LearnedHead,
+        head: LearnedHead | HeadFactory,
         processor: Any = None,
+        optimizer: OptimizerFactory | None = None,
         backbone_ref: str | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         warmup_steps: int = 50,
         max_steps: int | None = None,
         budget_weight: float = 2.0,
@@ -64,12 +79,14 @@ class LearnedPrunerModule(pl.LightningModule):
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "head", "processor"])
+        self.save_hyperparameters(ignore=["model", "head", "processor", "optimizer"])
         _plain_hparams(self.hparams)  # subclasses' frames may hand Hydra containers to the checkpoint
         lora = self.hparams.get("lora", lora)
         self.model = model
         self.processor = processor
-        self.head = head
+        # built before the LoRA adapters, whose initialisation draws from the same seeded generator
+        self.head = head if isinstance(head, LearnedHead) else self.build_head(head, model)
+        self.make_optimizer: OptimizerFactory = optimizer or partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
         self.model.requires_grad_(False)
         self.model.eval()
         self.lora_settings = LoraSettings(**dict(lora)) if lora else LoraSettings()
@@ -77,6 +94,18 @@ class LearnedPrunerModule(pl.LightningModule):
             add_lora(self.model, self.lora_settings)
         self.val_acc, self.test_acc = AnswerAccuracy(), AnswerAccuracy()
         self.val_kept, self.test_kept = MeanMetric(), MeanMetric()
+
+    def head_sizes(self, model: nn.Module) -> dict[str, int]:
+        """The backbone sizes a head factory is called with: the LLM's width and depth (heads inside the LLM)."""
+        tc = model.config.text_config
+        return {"hidden_size": tc.hidden_size, "num_layers": tc.num_hidden_layers}
+
+    def build_head(self, head: HeadFactory, model: nn.Module) -> LearnedHead:
+        """``head(**self.head_sizes(model))``; a hyper-parameter the head refuses fails naming the config node."""
+        try:
+            return head(**self.head_sizes(model))
+        except ValueError as e:
+            raise ValueError(f"module.head: {e}") from e
 
     def setup(self, stage: str) -> None:
         """Score answers with the data module's own metric (e.g. per question type), when it has one."""
@@ -175,7 +204,7 @@ class LearnedPrunerModule(pl.LightningModule):
     # ---- optimisation: the head (and LoRA adapters) only ------------------------------------
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = self.make_optimizer(params)
         total = schedule_length(self.hparams.max_steps, self.trainer)
         sched = warmup_cosine(opt, total, self.hparams.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -15,8 +15,8 @@ from ..engine.state import PruneState, Selection
 from .learned import LearnedHead
 
 
-class ATPModule(nn.Module):
-    """One ATP module: predicts a redundancy threshold and a spatial threshold for this instance."""
+class ATPStage(nn.Module):
+    """One ATP module (the paper's name) at one site: predicts a redundancy threshold and a spatial threshold for this instance."""
 
     def __init__(self, hidden_size: int, width: int = 64) -> None:
         super().__init__()
@@ -77,12 +77,8 @@ class ATPHead(LearnedHead):
             raise ValueError(f"ATP target={target}: the kept fraction must lie in (0, 1]")
         self.target, self.temperature, self.stride, self.width = target, temperature, stride, width
         self.layer_cost = layer_cost
-        self.modules_by_site = nn.ModuleDict({str(k): ATPModule(hidden_size, width) for k in self.layers})
+        self.modules_by_site = nn.ModuleDict({str(k): ATPStage(hidden_size, width) for k in self.layers})
         self._kept: dict[str, torch.Tensor] = {}
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, layers=self.layers, target=self.target,
-                    temperature=self.temperature, stride=self.stride, width=self.width, layer_cost=self.layer_cost)
 
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in self.layers]

@@ -35,8 +35,10 @@ class BAViTHead(LearnedHead):
     """A small ViT over the patch embeddings with a per-token foreground/background classifier."""
 
     method = "bavit"
+    display_name = "BAViT"
     adaptive = True  # the threshold sets the kept count per image
     accepts_keep = True  # ... but a budget `keep` may replace it at inference
+
     def __init__(self, vision_hidden: int, width: int = 64, depth: int = 2, heads: int = 4,
                  threshold: float = 0.5, min_keep: int = 1, keep: int | float | None = None,
                  repack_positions: bool = False) -> None:
@@ -54,12 +56,7 @@ class BAViTHead(LearnedHead):
         self.norm = nn.LayerNorm(width)
         self.classify = nn.Linear(width, 2)  # logits (background, foreground)
 
-    def hparams(self) -> dict[str, Any]:
-        return dict(vision_hidden=self.vision_hidden, width=self.width, depth=self.depth, heads=self.heads,
-                    threshold=self.threshold, min_keep=self.min_keep, keep=self.keep,
-                    repack_positions=self.repack_positions)
-
-    def forward(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
+    def logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """Foreground/background logits (B, N, 2) of patch embeddings (B, N, vision_hidden)."""
         x = self.encoder(self.embed(patch_embeddings))
         return self.classify(self.norm(x))
@@ -79,7 +76,7 @@ class BAViTHead(LearnedHead):
     def foreground_prob(self, state: PruneState) -> torch.Tensor:
         feats = state.vision_features(layer=0)  # the tower's input: patch embeddings + positions, pre-norm
         with torch.autocast(feats.device.type, enabled=False):
-            logits = self(feats.float())
+            logits = self.logits(feats.float())
         return logits.softmax(-1)[..., 1].masked_fill(~state.visual_valid, 0)
 
     def select(self, state: PruneState) -> Selection:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..engine.state import PruneState, Selection
+from .base import PrunerBase
 from .learned import LearnedHead
 
 
@@ -70,8 +71,8 @@ def _check_threshold(threshold: float | Sequence[float], num_layers: int) -> flo
     else:
         values = out = [float(t) for t in threshold]
         if len(values) != num_layers - 1:
-            raise ValueError(f"DyVTE threshold={values}: give one float, or one per router site llm:1..llm:{num_layers - 1} "
-                             f"({num_layers - 1} values), got {len(values)}")
+            raise ValueError(f"DyVTE threshold={values}: give one float for every router (e.g. 0.5), or one per router "
+                             f"site llm:1..llm:{num_layers - 1} ({num_layers - 1} values), got {len(values)}")
     bad = [t for t in values if not 0 < t < 1]
     if bad:
         raise ValueError(f"DyVTE threshold={threshold}: exit probability thresholds must lie in (0, 1), got {bad}")
@@ -106,10 +107,6 @@ class DyVTEHead(LearnedHead):
         self.threshold, self.min_layer = _check_threshold(threshold, num_layers), min_layer
         self.routers = nn.ModuleDict({str(k): Router(hidden_size, self.width) for k in range(1, num_layers)})
         self.exit_layer: torch.Tensor | None = None  # (B,) of the last forward; num_layers = no exit
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, width=self.width,
-                    threshold=self.threshold, min_layer=self.min_layer)
 
     def sites(self, adapter: Any) -> list[str]:
         return [f"llm:{k}" for k in range(self.min_layer, self.num_layers)]
@@ -147,7 +144,7 @@ class DyVTEHead(LearnedHead):
 
 
 @dataclass
-class VisualExit:
+class VisualExit(PrunerBase):
     """Remove every visual token from LLM layer ``layer`` on (DyVTE's exit at a fixed layer).
 
     DyVTE's training labels compare the frozen model with and without this exit; on its own it is
@@ -166,8 +163,3 @@ class VisualExit:
 
     def select(self, state: PruneState) -> Selection:
         return _drop_visual(state, torch.ones(len(state.visual_valid), dtype=torch.bool, device=state.visual_valid.device))
-
-    def __call__(self, model: nn.Module, mode: str = "hard") -> Any:
-        from ..engine.core import Engine
-
-        return Engine(model, [self], mode=mode)

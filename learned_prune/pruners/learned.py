@@ -1,15 +1,23 @@
 """Shared base of learned pruning heads: an ``nn.Module`` that is also a pruner, and exports as a folder.
 
-A head follows the pruner protocol (``sites``/``prepare``/``select``, used as ``with head(model):``)
-and records what its training losses need while it runs. ``save_pretrained(folder)`` writes
-``config.json`` (method, hyper-parameters, sites, backbone id and sizes, library version) and
-``model.safetensors`` (the head's weights only); :func:`learned_prune.pruners.heads.load_head`
-rebuilds it and refuses a backbone of other sizes.
+A head follows the one pruner protocol of :class:`~learned_prune.pruners.base.PrunerBase`
+(``sites``/``prepare``/``select``; ``head(model)`` returns the engine, used as ``with head(model):``)
+and records what its training losses need while it runs. It is never called as a layer: its
+``forward`` raises. ``save_pretrained(folder)`` writes ``config.json`` (method, hyper-parameters,
+backbone id, sizes and fingerprint, library version) and ``model.safetensors`` (the head's weights
+only); :func:`learned_prune.pruners.heads.load_head` rebuilds it and refuses a backbone of other sizes.
+
+The hyper-parameters in ``config.json`` are derived from the head's constructor: every argument of
+``__init__`` is saved under its name, with the value the head keeps in the attribute of that name
+(the resolved value: e.g. LVPruning's ``heads=None`` is saved as the head count it chose), so no
+head lists its arguments a second time and an export does not depend on a default rule that might change.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..engine.core import Engine
+from .base import PrunerBase
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,6 +44,7 @@ def backbone_signature(adapter: Any) -> dict[str, Any]:
     }
 
 
+_MISSING = object()
 FINGERPRINT_TENSORS = 8  # parameters sampled, evenly spaced over the model's parameter list
 FINGERPRINT_VALUES = 8  # values sampled from each
 
@@ -65,9 +74,21 @@ def fingerprints_match(a: list[float], b: list[float]) -> bool:
     return bool(torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-2, atol=1e-4))
 
 
-class LearnedHead(nn.Module):
-    """Base of learned heads. Subclasses set ``method`` and implement ``sites``, ``select``,
-    ``budget_loss`` and ``hparams`` (the constructor arguments to save)."""
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready Python: mappings become dicts, sequences (tuples, Hydra's ListConfig) lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class LearnedHead(PrunerBase, nn.Module):
+    """Base of learned heads: a pruner (:class:`PrunerBase`) whose parameters train.
+
+    Subclasses set ``method`` and implement ``sites``, ``select`` and ``budget_loss``, and keep each
+    constructor argument in an attribute of the same name (what :meth:`hparams` saves).
+    """
 
     method: str = ""
     adaptive: bool = False  # True: the head picks its kept count per instance (evaluated at its mean)
@@ -83,9 +104,12 @@ class LearnedHead(nn.Module):
         self.lora: tuple[Any, dict[str, torch.Tensor]] | None = None  # (LoraSettings, weights) of a loaded head
         self._lora_attached = False
 
-    # ---- pruner protocol -----------------------------------------------------------------
-    def sites(self, adapter: Any) -> list[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # ---- pruner protocol (``head(model)`` is PrunerBase.__call__: the engine) ----------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"this {self.display_name or self.method or type(self).__name__} head is a pruner, not a layer: install it "
+            "on a model with `with head(model): model(...)` (or head(model, mode='soft') in training)"
+        )
 
     def prepare(self, adapter: Any) -> None:
         if self.sized_for_llm and (adapter.text_config.hidden_size != self.hidden_size
@@ -142,19 +166,24 @@ class LearnedHead(nn.Module):
             remove_lora(adapter.model)
             self._lora_attached = False
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # ``head(model)`` / ``head(model, mode="soft")`` installs it like any pruner
-        if len(args) == 1 and isinstance(args[0], nn.Module) and hasattr(args[0], "config") and set(kwargs) <= {"mode"}:
-            return Engine(args[0], [self], mode=kwargs.get("mode", "hard"))
-        return super().__call__(*args, **kwargs)
-
     # ---- training hooks ------------------------------------------------------------------
     def budget_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         """The budget/ratio loss of the last forward pass and the values worth logging."""
         raise NotImplementedError
 
-    def hparams(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this head (``config.json`` "hparams"): every argument of
+        ``type(self).__init__``, valued by the head's attribute of that name."""
+        out = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(self, name, _MISSING)
+            if value is _MISSING or isinstance(value, nn.Module):
+                raise TypeError(f"{type(self).__name__} keeps no value for its constructor argument {name!r}: a head "
+                                f"keeps each argument in the attribute of that name (config.json saves them)")
+            out[name] = _plain(value)
+        return out
 
     # ---- export / load -------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, extra: dict[str, Any] | None = None,

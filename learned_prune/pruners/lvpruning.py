@@ -36,7 +36,7 @@ from torch import nn
 from ..engine.state import PruneState, Selection
 from .base import resolve_keep, topk_selection
 from .learned import LearnedHead
-from .schedule import scale_layers
+from .stages import scale_layers
 
 PAPER_LAYERS = (1, 8, 16)  # of a 32-layer LLM
 PAPER_RATIOS = (0.5, 0.3, 0.1)
@@ -116,10 +116,6 @@ class LVPruningHead(LearnedHead):
         self.modules_by_site = nn.ModuleDict({str(k): DecisionModule(hidden_size, self.heads, blocks)
                                               for k in self.layers})
         self._kept: dict[str, torch.Tensor] = {}
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers, layers=self.layers, ratios=self.ratios,
-                    heads=self.heads, blocks=self.blocks, tau=self.tau, keep=self.keep)
 
     # ---- pruner protocol -----------------------------------------------------------------
     def sites(self, adapter: Any) -> list[str]:

@@ -46,7 +46,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..engine.attention import attention_rows
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
-from ..modules.schedule import schedule_length, warmup_cosine_factor
+from ..modules.lr_schedule import schedule_length, warmup_cosine_factor
 from .draw import SHAPES
 from .scenes import COLOR_NAMES, QUESTION_TYPES, RELATIONS, SIZE_NAMES
 
