@@ -8,11 +8,11 @@
 
 from .backbones import load_backbone, tiny_llava
 from .engine import Engine, PruneState, Selection
-from .pruners import PRUNERS, Compose, load_pruner, register_pruner
+from .pruners import PRUNERS, Compose, PrunerBase, load_pruner, register_pruner
 
 from .version import __version__
 
 __all__ = [
-    "PRUNERS", "Compose", "Engine", "PruneState", "Selection", "load_backbone", "load_pruner",
+    "PRUNERS", "Compose", "Engine", "PruneState", "PrunerBase", "Selection", "load_backbone", "load_pruner",
     "register_pruner", "tiny_llava", "__version__",
 ]

@@ -44,7 +44,8 @@ def test_run_layers_equals_the_plain_forward(family, attn):
     n = model.config.text_config.num_hidden_layers
     out = run_layers(model, full.hidden_states[0], valid, final_norm=True)
     logits = model.lm_head(out.hidden)
-    assert torch.equal(out.valid, valid) and torch.equal(out.index[valid], torch.arange(valid.shape[1]).expand_as(valid)[valid])
+    rows = torch.arange(valid.shape[1]).expand_as(valid)
+    assert torch.equal(out.valid, valid) and torch.equal(out.index[valid], rows[valid])
     torch.testing.assert_close(logits[out.valid], full.logits[valid], atol=ATOL, rtol=0)
     mid = run_layers(model, full.hidden_states[1], valid, start=1, end=n - 1)  # a stretch in the middle
     torch.testing.assert_close(mid.hidden[valid], full.hidden_states[n - 1][valid], atol=ATOL, rtol=0)
@@ -93,7 +94,8 @@ def test_attention_rows_equal_eager_attention(family):
     query = torch.tensor([[L - 1], [L - 2], [L - 1]])  # any row per sample
     for li, layer in enumerate(lm.layers):
         hidden = out.hidden_states[li].clone().requires_grad_(True)
-        probs = attention_rows(layer, lm.rotary_emb, hidden, pos, valid, query, torch.ones_like(query, dtype=torch.bool))
+        every = torch.ones_like(query, dtype=torch.bool)
+        probs = attention_rows(layer, lm.rotary_emb, hidden, pos, valid, query, every)
         ref = out.attentions[li].mean(1)[torch.arange(3), query[:, 0]]
         torch.testing.assert_close(probs[:, 0][valid], ref[valid], atol=1e-5, rtol=0)
         probs[:, 0, -5:].sum().backward()  # differentiable: the testbed's grounding loss trains through it

@@ -19,7 +19,9 @@ class LlavaAdapter:
             )
         for part in ("layers", "embed_tokens", "norm", "rotary_emb"):
             if not hasattr(lm, part):
-                raise TypeError(f"the language model {type(lm).__name__} has no `{part}`: only Llama-like decoders are supported")
+                raise TypeError(
+                    f"the language model {type(lm).__name__} has no `{part}`: only Llama-like decoders are supported"
+                )
         self.model = model
         self.inner = inner
         self.lm = lm

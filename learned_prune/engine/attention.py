@@ -98,7 +98,7 @@ def _query_mask(state: "PruneState", queries: str | torch.Tensor) -> torch.Tenso
 
 
 def _layer_inputs(state: "PruneState", layer: str) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-    """(layer index, its input hidden states, its captured k_proj output or None) for ``layer`` in {previous, current}."""
+    """(layer index, its input hidden states, its captured k_proj output or None), ``layer``: previous or current."""
     seq = state.seq
     if layer == "previous":
         if state.layer < 1 or seq.prev_input is None:

@@ -55,7 +55,8 @@ class Hooks:
         e, a = self.engine, self.engine.adapter
         if "forward" in a.lm.__dict__:
             raise RuntimeError(
-                "a pruner is already installed on this model; compose several with load_pruner([...]) instead of nesting"
+                "a pruner is already installed on this model; compose several with load_pruner([...]) "
+                "instead of nesting"
             )
         try:
             self.handles.append(a.model.register_forward_pre_hook(self._pre_model, with_kwargs=True))

@@ -174,7 +174,9 @@ def _state(engine: "Engine", site: str, layer: int, seq: TokenSequence) -> Prune
                       visual_pos=vpos, visual_valid=vvalid, vision=engine.capture.vision, soft_eps=engine.soft_eps)
 
 
-def run_sites(engine: "Engine", layer: int, seq: TokenSequence, offset: torch.Tensor) -> tuple[TokenSequence, torch.Tensor]:
+def run_sites(
+    engine: "Engine", layer: int, seq: TokenSequence, offset: torch.Tensor
+) -> tuple[TokenSequence, torch.Tensor]:
     """Apply every pruner acting before ``layer``, in order; returns the new sequence and position offset (B,)."""
     for pruner, site in engine.sites[layer]:
         state = _state(engine, site, layer, seq)

@@ -46,7 +46,8 @@ class PrunerProtocol:
         raise NotImplementedError
 
     def repacks(self, site: str) -> bool:
-        """Whether the tokens kept at ``site`` get contiguous positions (``repack_positions``, else the site's default)."""
+        """Whether the tokens kept at ``site`` get contiguous positions: ``repack_positions``, else the
+        site's default (re-pack at ``vision``, keep the original RoPE ids inside the LLM)."""
         return (site == "vision") if self.repack_positions is None else bool(self.repack_positions)
 
     def observe_layers(self, adapter: "LlavaAdapter") -> list[int]:

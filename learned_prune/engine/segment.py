@@ -40,7 +40,8 @@ def run_layers(
     position_ids: torch.Tensor | None = None,
     final_norm: bool = False,
 ) -> SegmentOutput:
-    """Run decoder layers ``start .. end - 1`` of ``model``'s LLM on ``hidden`` (B, L, D), the states entering layer ``start``.
+    """Run decoder layers ``start .. end - 1`` of ``model``'s LLM on ``hidden`` (B, L, D), the hidden states
+    entering layer ``start``.
 
     ``valid`` (B, L): real rows (False on padding). ``keep`` (B, L), optional: the rows to run (the
     others are dropped before layer ``start``, as a hard prune there would; padding is always dropped).

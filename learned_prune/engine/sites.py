@@ -20,11 +20,15 @@ def parse_site(site: str, num_layers: int) -> int:
             k = -1
         if 0 <= k < num_layers:
             return k
-        raise ValueError(f"site {site!r}: the LLM has {num_layers} decoder layers, use llm:K with 0 <= K < {num_layers}")
+        raise ValueError(
+            f"site {site!r}: the LLM has {num_layers} decoder layers, use llm:K with 0 <= K < {num_layers}"
+        )
     raise ValueError(f"unknown site {site!r}: use 'vision' or 'llm:K'")
 
 
-def site_table(pruners: list["PrunerProtocol"], adapter: "LlavaAdapter") -> dict[int, list[tuple["PrunerProtocol", str]]]:
+def site_table(
+    pruners: list["PrunerProtocol"], adapter: "LlavaAdapter"
+) -> dict[int, list[tuple["PrunerProtocol", str]]]:
     """Decoder layer -> the (pruner, site) pairs acting before it, in the pruners' order; the vision site
     acts before any ``llm:0`` pruner."""
     sites: dict[int, list[tuple["PrunerProtocol", str]]] = {}

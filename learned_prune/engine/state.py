@@ -49,8 +49,8 @@ class PruneState:
     cache: dict = field(default_factory=dict)
 
     # ---- the sequence --------------------------------------------------------------------
-    hidden = _sequence_view("hidden", "Hidden states entering the site's layer (projected embeddings at the vision site), "
-                                      "(B, L, D).")
+    hidden = _sequence_view("hidden", "Hidden states entering the site's layer (at the vision site: the projected "
+                                      "embeddings), (B, L, D).")
     n_visual_original = _sequence_view("n_visual_original", "Visual tokens per sample before any pruning, (B,): what "
                                                             "ratio budgets refer to.")
     token_keep_prob = _sequence_view("keep_prob", "Soft mode: the cumulative keep-probability of every token, (B, L) "

@@ -106,5 +106,9 @@ class Compose(PrunerBase):
     def parts(self) -> list[PrunerBase]:
         return list(self.pruners)
 
+    def sites(self, adapter: Any) -> list[str]:
+        """Every member's sites, in order (the engine asks the members themselves)."""
+        return [s for p in self.pruners for s in p.sites(adapter)]
+
     def __repr__(self) -> str:
         return f"Compose({self.pruners!r})"

@@ -10,11 +10,12 @@ tokens in order]``, so the next step's A/B split is taken on that order. Merging
 tokens merged into it this step, whatever they merged before; LaVi-Lab/AIM
 ``llava/model/token_merge.py``).
 
-:class:`MergingPruner` is the base of the pre-LLM merging pruners (ToMe, AIM). Vectorised over the batch: :func:`merge_to_batched` merges (B, N, D) tokens with per-sample valid
+Vectorised over the batch: :func:`merge_to_batched` merges (B, N, D) tokens with per-sample valid
 lengths ``n`` and targets, a fixed handful of kernels per step whatever B (a ``bmm`` of the A/B
 scores, a row ``max``, a stable ``argsort``, one gather into the next step's order and one
 ``index_add_`` of the merged tokens). Padded entries (beyond a sample's ``n``) never score or
-merge and come back as source -1 with zero values.
+merge and come back as source -1 with zero values. :class:`MergingPruner` is the base of the pre-LLM
+merging pruners (ToMe, AIM).
 """
 
 from __future__ import annotations

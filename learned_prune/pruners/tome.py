@@ -22,8 +22,9 @@ class ToMe(MergingPruner):
     :mod:`~learned_prune.pruners.merging`): the metric is the head-mean key of the vision tower's
     last layer, A/B sets alternate on the current order, at most half the tokens merge per step,
     merged tokens are size-weighted averages, and a step outputs ``[unmerged A tokens in edge-rank
-    order, B tokens]`` (no class token among them, so ToMe's re-sort of A does not apply); the LLM reads the last step's order (the engine writes the tokens into the
-    first visual slots, positions re-packed).
+    order, B tokens]`` (no class token among them, so ToMe's re-sort of A does not apply); the LLM
+    reads the last step's order (the engine writes the tokens into the first visual slots,
+    positions re-packed).
 
     Departures: ToMe merges inside the ViT a few tokens per layer, re-computing the metric from
     each layer's keys; here (as the pre-LLM ToMe baseline in DART's tables) the merge runs once,
