@@ -41,14 +41,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..engine.attention import attention_rows
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..modules.lr_schedule import schedule_length, warmup_cosine_factor
-from .draw import SHAPES
-from .scenes import COLOR_NAMES, QUESTION_TYPES, RELATIONS, SIZE_NAMES
+from .scenes import QUESTION_TYPES, RELATIONS
+from .training_aids import N_COLORS, N_SHAPES, N_SIZES, attribute_loss, jittered_positions, sincos_position_init
 
 
 class BackboneModule(pl.LightningModule):
@@ -104,27 +103,10 @@ class BackboneModule(pl.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------
     def _positions(self, batch: dict) -> torch.Tensor | None:
-        """Training position ids with the image-question distance jittered (``position_jitter``), else None.
-
-        Each sample draws a gap g in [-J, J]: the tokens after the image move by g. A negative g also
-        compresses the image's positions evenly into n - |g| slots (visual token j moves by
-        -ceil(j |g| / n)), as re-packing does after dropping |g| of n tokens spread over the image,
-        so the image and the question never share a position. Without it a from-scratch backbone
-        learns the one distance it always sees (``benchmarks/position_gap.py``).
-        """
-        J = self.hparams.position_jitter
-        if not self.training or J <= 0:
+        """Training position ids with the image-question distance jittered (``position_jitter``), else None."""
+        if not self.training or self.hparams.position_jitter <= 0:
             return None
-        ids = batch["input_ids"]
-        B, L = ids.shape
-        idx = torch.arange(L, device=ids.device).expand(B, L)
-        is_image = ids == self.model.config.image_token_id
-        first = torch.where(is_image, idx, L).amin(1, keepdim=True)
-        last = torch.where(is_image, idx, -1).amax(1, keepdim=True)
-        n = is_image.sum(1, keepdim=True).clamp_min(1)
-        gap = torch.randint(-J, J + 1, (B, 1), device=ids.device).clamp_min(-(n - 1))
-        inside = torch.where(gap < 0, -(((idx - first).clamp_min(0) * -gap + n - 1) // n), 0)  # -ceil(j|g|/n)
-        return idx + torch.where(is_image, inside, 0) + torch.where(idx > last, gap, 0)
+        return jittered_positions(batch["input_ids"], self.model.config.image_token_id, self.hparams.position_jitter)
 
     def _grounding_loss(self, hidden_states: tuple, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.model.model.language_model
@@ -155,7 +137,7 @@ class BackboneModule(pl.LightningModule):
         logits = self.patch_probe(feats)
         fg = batch["patch_mask"]
         loss = F.binary_cross_entropy_with_logits(logits[..., 0], fg.float())
-        return loss + _attribute_loss(logits[..., 1:], batch["patch_attrs"], batch["patch_centres"], fg)
+        return loss + attribute_loss(logits[..., 1:], batch["patch_attrs"], batch["patch_centres"], fg)
 
     def _readout_loss(self, hidden_states: tuple, batch: dict) -> torch.Tensor:
         n = len(self.model.model.language_model.layers)
@@ -166,7 +148,7 @@ class BackboneModule(pl.LightningModule):
         logits = self.readout_probe(h).view(h.shape[0], 2, -1)
         centres = batch["target_centres"]
         named = ~centres.isnan().any(-1)
-        loss = _attribute_loss(logits, batch["target_attrs"], centres.nan_to_num(0.0), named)
+        loss = attribute_loss(logits, batch["target_attrs"], centres.nan_to_num(0.0), named)
         if self.hparams.relation_weight > 0 and "target_relation" in batch:
             loss = loss + self.hparams.relation_weight * self._relation_loss(hidden_states, batch, query, n)
         return loss
@@ -295,22 +277,6 @@ class BackboneModule(pl.LightningModule):
         return directory
 
 
-N_COLORS, N_SHAPES, N_SIZES = len(COLOR_NAMES), len(SHAPES), len(SIZE_NAMES)
-
-
-def _attribute_loss(logits: torch.Tensor, attrs: torch.Tensor, centres: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """CE on colour/shape/size (-100 ignored) + MSE on the centre (x10) where ``present``; logits
-    (..., colours + shapes + sizes + 2) against attrs (..., 3) and centres (..., 2)."""
-    a, b, c = N_COLORS, N_COLORS + N_SHAPES, N_COLORS + N_SHAPES + N_SIZES
-    loss = logits.new_zeros(())
-    for (lo, hi), target in zip(((0, a), (a, b), (b, c)), attrs.unbind(-1)):
-        if bool((target != -100).any()):
-            loss = loss + F.cross_entropy(logits[..., lo:hi].flatten(0, -2), target.flatten(), ignore_index=-100)
-    if bool(present.any()):
-        loss = loss + 10 * ((logits[..., c:c + 2] - centres) ** 2).sum(-1)[present].mean()
-    return loss
-
-
 def check_ddp_allows_the_tower_stage(strategy: Any, tower_steps: int) -> None:
     """Fail before training when DDP would stop at the first tower-stage step: there the LLM and the
     answer probes get no gradient, which plain DDP rejects (``find_unused_parameters=False``)."""
@@ -321,27 +287,3 @@ def check_ddp_allows_the_tower_stage(strategy: Any, tower_steps: int) -> None:
             f"module=backbone trains the vision tower alone for its first module.tower_steps={tower_steps} steps, "
             "where the LLM gets no gradient, and plain DDP fails on parameters without one: run it with "
             "trainer.strategy=ddp_find_unused_parameters_true (or module.tower_steps=0 to skip the tower stage)")
-
-
-def sincos_position_init(tower: nn.Module, scale: float = 0.5) -> None:
-    """Set a CLIP tower's patch position embeddings to a 2-D sin-cos table ([CLS]: zeros).
-
-    A learned-from-scratch table starts as noise; this one gives neighbouring patches similar codes
-    from step 0 (MAE-style fixed 2-D embeddings, used here as an initialisation and then trained).
-    """
-    weight = tower.embeddings.position_embedding.weight
-    n, d = weight.shape
-    g = int(round((n - 1) ** 0.5))
-    if g * g != n - 1 or d % 4:
-        return  # not a square grid with a [CLS] slot: keep the default initialisation
-    yy, xx = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
-    q = d // 4
-    omega = 1.0 / (100 ** (torch.arange(q, dtype=torch.float32) / q))
-    parts = []
-    for coord in (xx.flatten(), yy.flatten()):
-        angle = coord[:, None] * omega[None]
-        parts += [angle.sin(), angle.cos()]
-    with torch.no_grad():
-        weight[0].zero_()
-        weight[1:] = torch.cat(parts, 1).to(weight.dtype) * scale
-
