@@ -9,7 +9,7 @@ counted. Methods run with the options of ``configs/method/<name>.yaml``, as ``ev
 
     python benchmarks/fidelity.py                                    # the embedded testbed, 1,000 test samples
     python benchmarks/fidelity.py --samples 300 --json fidelity.json
-    python benchmarks/fidelity.py --results outputs/eval/results.jsonl   # reuse an eval.py grid at keep=0.111
+    python benchmarks/fidelity.py --results outputs/eval/results.jsonl --keep 0.11   # reuse an eval.py grid
 """
 
 from __future__ import annotations
@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--split", default="test")
     p.add_argument("--results", default=None, help="an eval.py results.jsonl with keep=0.111 rows (and `none`)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="the budget ratio (default: the reference's, 64/576 = 0.111; 0.11 also keeps 16 of 144)")
     p.add_argument("--json", default=None, help="write the comparison to this file")
     a = p.parse_args(argv)
     ref = json.loads(Path(a.reference).read_text())
-    keep = round(ref["budget_tokens"] / ref["of"], 3)
+    keep = a.keep if a.keep is not None else round(ref["budget_tokens"] / ref["of"], 3)
     reference = ref["relative_accuracy"]
     methods = [m for m in reference if m in PRUNERS]
     out = compare(testbed_relative(a, methods, keep), reference)
