@@ -54,7 +54,7 @@ def exit_tables(model, processor, head: DyVTEHead, split: str, samples: int, bat
     record: dict[int, torch.Tensor] = {}
 
     def spy(state):  # record the router's exit probability, keep every token
-        feats = router_features(state.hidden, state.instruction_mask, state.seq.prompt_valid)
+        feats = router_features(state.hidden, state.instruction_mask, state.prompt_valid)
         record[state.layer] = head.exit_logits(state.layer, feats).softmax(-1)[:, 1]
         return _drop_visual(state, torch.zeros(len(feats), dtype=torch.bool, device=feats.device))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from learned_prune import tiny_llava
+from learned_prune.testbed import testbed_llava
 
 torch.set_num_threads(2)
 
@@ -43,7 +43,7 @@ _MODELS: dict = {}
 
 def get_tiny(family: str):
     if family not in _MODELS:
-        _MODELS[family] = tiny_llava(family, text_layers=4, seed=0)
+        _MODELS[family] = testbed_llava(family, text_layers=4, seed=0)
     return _MODELS[family]
 
 

@@ -177,10 +177,10 @@ def load_exported(path, module, cls):
 
 def fresh_tiny_backbone(batch_size: int = 3) -> tuple:
     """A newly built backbone of the shape the tiny training configs use (not the one trained on), and a batch."""
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
 
     from conftest import make_batch
 
-    model, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+    model, processor = testbed_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
                                   intermediate_size=64, seed=0)
     return model, make_batch(processor, batch_size)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_prune import PRUNERS, load_backbone, load_pruner, tiny_llava
+from learned_prune import PRUNERS, load_backbone, load_pruner
+from learned_prune.testbed import testbed_llava
 from learned_prune.pruners import Compose, FastV, resolve_keep
 
 from conftest import get_tiny, make_batch
@@ -43,7 +44,7 @@ def test_hooks_removed_after_exception(name):
 
 def test_nothing_patched_globally():
     model, processor = get_tiny("llava")
-    other, _ = tiny_llava("llava", text_layers=4, seed=1)
+    other, _ = testbed_llava("llava", text_layers=4, seed=1)
     batch = make_batch(processor, 1)
     with torch.no_grad():
         other(**batch), model(**batch)  # HF installs its own lazy output-capture hooks on first use

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from learned_prune import load_pruner, tiny_llava
+from learned_prune import load_pruner
+from learned_prune.testbed import testbed_llava
 from learned_prune.run import build, train
 
 from conftest import make_batch
@@ -46,7 +47,7 @@ def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
     config_dims = yaml.safe_load((CONFIGS / "backbone" / "tiny_init.yaml").read_text())
     dims = {k: v for k, v in config_dims.items() if not k.startswith("_") and k != "seed"}
-    default_backbone, _ = tiny_llava(**dims)  # the embedded default's shape
+    default_backbone, _ = testbed_llava(**dims)  # the embedded default's shape
     from learned_prune.pruners.atp import ATPHead
 
     head = ATPHead(dims["text_hidden"], dims["text_layers"])
@@ -59,7 +60,7 @@ def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
 def test_export_load_round_trip_and_size_check(tmp_path):
     train(_cfg(tmp_path, "trainer.max_steps=2", "test=false"))
     head = load_pruner(str(tmp_path / "atp-head"))
-    model, processor = tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+    model, processor = testbed_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
                                   intermediate_size=64, seed=0)
     batch = make_batch(processor, 3)
     with torch.no_grad(), head(model) as engine:
@@ -68,7 +69,7 @@ def test_export_load_round_trip_and_size_check(tmp_path):
     assert set(engine.kept_tokens) == {f"llm:{k}" for k in head.layers}
     with pytest.raises(ValueError, match="keep"):
         load_pruner(str(tmp_path / "atp-head"), keep=16)
-    other, _ = tiny_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    other, _ = testbed_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):
             pass
@@ -77,7 +78,7 @@ def test_export_load_round_trip_and_size_check(tmp_path):
 def test_atp_hard_mode_keeps_a_varying_count_per_instance():
     from learned_prune.pruners.atp import ATPHead
 
-    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
     head = ATPHead(64, 8).eval()
     batch = make_batch(processor, 3)
     with torch.no_grad(), head(model) as engine:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from learned_prune import tiny_llava
+from learned_prune.testbed import testbed_llava
 from learned_prune.data.coco_masks import CocoMaskCollator, CocoMasksDataset, object_mask
 
 from helpers import fit_frozen
@@ -47,7 +47,7 @@ def test_masks_from_boxes_polygons_and_rle(tmp_path):
     tri = object_mask(ann, 96, 96)
     assert 0.4 < tri.sum() / 256 < 0.6 and object_mask(ann, 96, 96, labels="bbox").sum() == 256
 
-    _, processor = tiny_llava("llava", seed=0)
+    _, processor = testbed_llava("llava", seed=0)
     batch = CocoMaskCollator(processor, patch_size=8)([ds[0], ds[1]])
     grid = batch["patch_mask"].view(2, 12, 12)
     want = torch.zeros(12, 12, dtype=torch.bool)

@@ -140,7 +140,7 @@ def test_a_head_hyper_parameter_lives_in_one_place_and_reaches_the_export(compos
     command line builds the head with it and the exported config.json carries it."""
     import inspect
 
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
     from learned_prune.pruners.learned import LearnedHead
 
     arg, value = HEAD_OVERRIDE[module]
@@ -152,7 +152,7 @@ def test_a_head_hyper_parameter_lives_in_one_place_and_reaches_the_export(compos
     assert cfg.module.optimizer._target_ == "torch.optim.AdamW" and cfg.module.optimizer._partial_
     assert "lr" in cfg.module.optimizer and "lr" not in cfg.module
 
-    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
     with open_dict(cfg):
         cfg.module.export_dir = str(tmp_path / "head")
     built = instantiate(cfg.module, model=model, processor=processor)
@@ -166,9 +166,9 @@ def test_a_head_hyper_parameter_lives_in_one_place_and_reaches_the_export(compos
 
 
 def test_a_head_argument_the_head_refuses_fails_naming_the_config_node(compose_train):
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
 
-    model, processor = tiny_llava("llava", text_layers=4, seed=0)
+    model, processor = testbed_llava("llava", text_layers=4, seed=0)
     cfg = compose_train("module=dyvte")  # seven thresholds: one per router of an 8-layer LLM
     from hydra.errors import InstantiationException
 

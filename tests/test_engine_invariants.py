@@ -186,9 +186,9 @@ def test_per_sample_keep_counts_in_one_batch(tiny, site):
 @pytest.mark.parametrize("name", ["random", "fastervlm", "divprune", "vtc_cls"])
 def test_vision_site_keeps_original_positions_when_asked(name):
     """``repack_positions=False`` at the vision site = plain HF layers on the kept rows at their original positions."""
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
 
-    model, processor = tiny_llava("llava", seed=0)
+    model, processor = testbed_llava("llava", seed=0)
     one = make_batch(processor, 1)
     pruner = load_pruner(name, keep=12, repack_positions=False)
     records = record_selections(pruner)

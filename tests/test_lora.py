@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from learned_prune import load_pruner, tiny_llava
+from learned_prune import load_pruner
+from learned_prune.testbed import testbed_llava
 from learned_prune.pruners.lora import LoraSettings, add_lora, lora_layers, remove_lora
 from learned_prune.run import build
 
@@ -17,7 +18,7 @@ from test_atp import _cfg
 
 
 def _backbone():
-    return tiny_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+    return testbed_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
                       intermediate_size=64, seed=0)
 
 

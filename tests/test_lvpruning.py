@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_prune import load_pruner, tiny_llava
+from learned_prune import load_pruner
+from learned_prune.testbed import testbed_llava
 from learned_prune.pruners.lvpruning import LVPruningHead
 
 from conftest import make_batch, positions_from_mask
@@ -45,7 +46,7 @@ def test_lvpruning_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     with torch.no_grad(), load_pruner(str(tmp_path / "lvp-head"), keep=16)(fresh) as engine:
         fresh(**batch)
     assert engine.kept_tokens["llm:5"].tolist() == [16, 16, 16]
-    other, _ = tiny_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    other, _ = testbed_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):
             pass
@@ -62,7 +63,7 @@ def test_bad_schedules_fail_early():
 
 @torch.no_grad()
 def test_hard_mode_equals_hf_on_the_kept_subsequence_and_generates():
-    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
     head = _random_head(model, keep=12)
     batch = make_batch(processor, 2)
     one = {k: v[1:2] for k, v in batch.items()}
@@ -91,7 +92,7 @@ def test_hard_mode_equals_hf_on_the_kept_subsequence_and_generates():
 
 @torch.no_grad()
 def test_padded_batch_equals_single_runs():
-    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
     head = _random_head(model, keep=10)
     batch = make_batch(processor, 3)
     batch["position_ids"] = positions_from_mask(batch["attention_mask"])
@@ -109,7 +110,7 @@ def test_padded_batch_equals_single_runs():
 def test_teacher_forced_answers_do_not_reach_the_pruner(name):
     """In a training pass with labels, pruners read the prompt only: the pruned prompt computes as it
     does at inference, whatever answer follows."""
-    model, processor = tiny_llava("llava", text_layers=8, seed=0)
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
     pruner = _random_head(model, keep=10) if name == "lvpruning" else load_pruner("fastv", keep=10)
     one = {k: v[:1] for k, v in make_batch(processor, 1).items()}
     L = one["input_ids"].shape[1]

@@ -156,3 +156,14 @@ def test_relation_targets_name_the_asked_relation_and_agree_with_the_answer():
         assert f" {['left of', 'right of', 'above', 'below'][relation]} " in s["question"]
         seen.add(relation)
     assert len(seen) == 4
+
+
+def test_the_generic_tiny_backbone_knows_no_testbed_words_and_the_testbed_builder_does():
+    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
+
+    _, generic = tiny_llava("llava", text_layers=1, vision_layers=1)
+    _, testbed = testbed_llava("llava", text_layers=1, vision_layers=1)
+    unk = generic.tokenizer.unk_token_id
+    assert generic.tokenizer.convert_tokens_to_ids("triangle") == unk
+    assert all(testbed.tokenizer.convert_tokens_to_ids(w) != unk for w in VOCAB)

@@ -44,10 +44,10 @@ def test_seeded_runs_are_reproducible(tmp_path):
 
 
 def test_position_jitter_moves_the_question_and_never_overlaps_the_image():
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
     from learned_prune.testbed import BackboneModule
 
-    model, processor = tiny_llava("llava", seed=0)
+    model, processor = testbed_llava("llava", seed=0)
     image = model.config.image_token_id
     n = 6
     ids = torch.tensor([[1, 2] + [image] * n + [7, 8, 9]] * 64)
@@ -73,11 +73,11 @@ def test_backbone_trains_with_position_jitter(tmp_path):
 
 
 def test_relation_readout_teaches_the_relation_only_on_position_questions():
-    from learned_prune import tiny_llava
+    from learned_prune.testbed import testbed_llava
     from learned_prune.data import VQACollator
     from learned_prune.testbed import BackboneModule, ShapesVQADataset
 
-    model, processor = tiny_llava("llava", text_layers=4, seed=0)
+    model, processor = testbed_llava("llava", text_layers=4, seed=0)
     ds = ShapesVQADataset("val", size=64, question_weights={"position": 1.0, "color": 1.0})
     items = [ds[i] for i in range(64)]
     batch = VQACollator(processor)(items)

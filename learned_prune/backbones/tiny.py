@@ -2,8 +2,8 @@
 
 It has the real LLaVA-1.5 structure — a CLIP-style vision tower with a [CLS] token, a
 2-layer MLP projector, a Llama decoder — or LLaVA-NeXT's any-resolution tiling, plus a
-word-level tokenizer and a Pillow-backed image processor. Tests use it, and it is the
-skeleton of the embedded default backbone (``checkpoints/tiny-llava-shapes``).
+word-level tokenizer and a Pillow-backed image processor. Tests use it, and with the testbed's
+vocabulary it is the skeleton of the embedded default backbone (``checkpoints/tiny-llava-shapes``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ from .tokenizer import word_tokenizer
 FAMILIES = ("llava", "llava_next")
 
 
-def _default_vocab() -> list[str]:
-    try:  # the testbed vocabulary, when the data package is present
-        from ..testbed.scenes import VOCAB
-    except ImportError:  # pragma: no cover - data package is part of the distribution
-        return []
-    return list(VOCAB)
-
-
 def tiny_llava(
     family: str = "llava",
     *,
@@ -60,13 +52,15 @@ def tiny_llava(
 
     Returns ``(model, processor)`` in eval mode. With the defaults an image becomes a 12x12
     grid, i.e. 144 visual tokens (LLaVA-NeXT adds tiles and row-end newline tokens).
-    ``vocab`` extends the tokenizer's word list (default: the ShapesVQA vocabulary).
+    ``vocab`` extends the tokenizer's word list (default: only the prompt template and a few generic
+    words, :data:`~learned_prune.backbones.tokenizer.BASE_WORDS`; the testbed's builder,
+    :func:`learned_prune.testbed.testbed_llava`, adds the ShapesVQA vocabulary).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
-    tokenizer = word_tokenizer(_default_vocab() if vocab is None else vocab)
+    tokenizer = word_tokenizer(vocab or ())
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,

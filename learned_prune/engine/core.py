@@ -22,7 +22,7 @@ from .adapter import LlavaAdapter
 from .hooks import Capture, Hooks
 from .loop import CacheLayout
 from .masks import mask_kind
-from .protocol import PrunerProtocol, conform
+from .protocol import PrunerProtocol
 from .sites import observer_table, parse_site, site_table
 
 MODES = ("hard", "soft")
@@ -47,7 +47,11 @@ class Engine:
         self.pruners = list(pruners)
         self.mode = mode
         self.soft_eps = soft_eps
-        protocol: list[PrunerProtocol] = [conform(p) for p in self.pruners]
+        for p in self.pruners:
+            if not isinstance(p, PrunerProtocol):
+                raise TypeError(f"{type(p).__name__} is not a pruner: derive it from learned_prune.pruners.base.PrunerBase "
+                                "(sites/prepare/select, with no-op defaults for the rest)")
+        protocol: list[PrunerProtocol] = list(self.pruners)
         for p in protocol:
             p.prepare(self.adapter)
         self._protocol = protocol

@@ -15,7 +15,7 @@ Every pruner derives from :class:`~learned_prune.pruners.base.PrunerBase`, which
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import LlavaAdapter
@@ -62,46 +62,3 @@ class PrunerProtocol:
 
     def release(self, adapter: "LlavaAdapter") -> None:
         """Remove what :meth:`attach` installed; called on exit, also after an exception."""
-
-
-class _Unconformed(PrunerProtocol):
-    """Transitional: a pruner that does not derive from :class:`PrunerProtocol` yet (learned heads and
-    ``VisualExit`` until they derive from ``PrunerBase``), seen through the protocol's defaults.
-    Delete with :func:`conform` once they do."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def _call(self, name: str, default: Any, *args: Any) -> Any:
-        method = getattr(self.inner, name, None)
-        return default if method is None else method(*args)
-
-    def sites(self, adapter):
-        return self.inner.sites(adapter)
-
-    def prepare(self, adapter):
-        self._call("prepare", None, adapter)
-
-    def select(self, state):
-        return self.inner.select(state)
-
-    def repacks(self, site):
-        repack = getattr(self.inner, "repack_positions", None)
-        return (site == "vision") if repack is None else bool(repack)
-
-    def observe_layers(self, adapter):
-        return self._call("observe_layers", [], adapter)
-
-    def observe(self, layer, trace, state):
-        self.inner.observe(layer, trace, state)
-
-    def attach(self, adapter):
-        self._call("attach", None, adapter)
-
-    def release(self, adapter):
-        self._call("release", None, adapter)
-
-
-def conform(pruner: Any) -> PrunerProtocol:
-    """``pruner`` itself when it follows the protocol; otherwise (transitional) a view with its defaults."""
-    return pruner if isinstance(pruner, PrunerProtocol) else _Unconformed(pruner)

@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..engine.adapter import LlavaAdapter
-from ..engine.sequence import build_mask, compact_index
+from ..engine import run_layers
 from ..evaluation.flops import llm_layer_flops
 from ..evaluation.vqa import AnswerAccuracy
 from ..pruners.dyvte import DyVTEHead, router_features
@@ -65,16 +64,8 @@ def logits_without_visual_from(model: nn.Module, hidden: torch.Tensor, layer: in
     at their original positions. Returns the logits (B, L', V), each slot's row in the input (B, L') and
     which slots hold a real row (B, L'; the others are left padding).
     """
-    lm = LlavaAdapter(model).lm
-    index, rows_valid = compact_index(keep & valid)  # padding rows are dropped too; slots left of them are empty
-    h = torch.gather(hidden, 1, index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1]))
-    pos = index  # a row's position is its index in the full sequence, as in the plain forward and the engine
-    mask = build_mask(rows_valid, None, h.shape[1], h.dtype)
-    rope = lm.rotary_emb(h, pos)
-    for block in lm.layers[layer:]:
-        h = block(h, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,
-                  position_embeddings=rope)
-    return model.lm_head(lm.norm(h)), index, rows_valid
+    out = run_layers(model, hidden, valid, start=layer, keep=keep, final_norm=True)  # rows at their original positions
+    return model.lm_head(out.hidden), out.index, out.valid
 
 
 class LabelBuffer:

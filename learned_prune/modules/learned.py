@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..engine import Engine
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..pruners.learned import LearnedHead
 from ..pruners.lora import LoraSettings, add_lora, lora_disabled, lora_state_dict
@@ -141,7 +140,7 @@ class LearnedPrunerModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
-        with Engine(self.model, [self.head], mode="soft") as engine:
+        with self.head(self.model, mode="soft") as engine:
             out = self.model(**self._inputs(batch), labels=labels, use_cache=False)
         task = out.loss
         budget, logs = self.head.budget_loss()
@@ -169,7 +168,7 @@ class LearnedPrunerModule(pl.LightningModule):
         return lora_disabled(self.model) if self.lora_settings.enabled else contextlib.nullcontext()
 
     def _eval_step(self, batch: dict, acc: AnswerAccuracy, kept: MeanMetric, stage: str) -> None:
-        with Engine(self.model, [self.head], mode="hard") as engine:
+        with self.head(self.model, mode="hard") as engine:
             answers = greedy_answers(self.model, self.processor, batch)
         acc.update(answers, batch.get("golds", batch["answers"]), batch.get("qtypes"))
         _, logs = self.head.budget_loss()

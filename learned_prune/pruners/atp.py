@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from ..engine.state import PruneState, Selection
+from .indices import mask_indices
 from .learned import LearnedHead
+from .stages import fractional_layers
 
 
 class ATPStage(nn.Module):
@@ -70,7 +72,7 @@ class ATPHead(LearnedHead):
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
-        self.layers = list(layers) if layers else sorted({max(1, round(num_layers * f)) for f in (1 / 8, 7 / 16)})
+        self.layers = list(layers) if layers else fractional_layers(num_layers, (1 / 8, 7 / 16))
         if any(not 1 <= k < num_layers for k in self.layers):
             raise ValueError(f"ATP layers {self.layers}: need 1 <= layer < {num_layers}")
         if not 0 < target <= 1:
@@ -131,9 +133,7 @@ class ATPHead(LearnedHead):
             top = s_red.masked_fill(~valid, float("-inf")).argmax(1)
             keep[none_kept, top[none_kept]] = True
         self._kept[state.site] = keep.sum(1).float() / state.n_visual_original.clamp_min(1)
-        idx = torch.where(keep, torch.arange(keep.shape[1], device=keep.device)[None], keep.shape[1])
-        idx = idx.sort(1).values[:, : int(keep.sum(1).max())]
-        return Selection(indices=torch.where(idx == keep.shape[1], -1, idx))
+        return Selection(indices=mask_indices(keep))
 
     def budget_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self._kept:

@@ -121,10 +121,9 @@ class DyVTEHead(LearnedHead):
             return self.routers[str(layer)](features.float())
 
     def select(self, state: PruneState) -> Selection:
-        seq = state.seq
-        if state.layer == self.min_layer or self.exit_layer is None or len(self.exit_layer) != len(seq.valid):
-            self.exit_layer = torch.full((len(seq.valid),), self.num_layers, device=seq.valid.device)
-        feats = router_features(state.hidden.detach(), state.instruction_mask, seq.prompt_valid)
+        if state.layer == self.min_layer or self.exit_layer is None or len(self.exit_layer) != len(state.valid):
+            self.exit_layer = torch.full((len(state.valid),), self.num_layers, device=state.valid.device)
+        feats = router_features(state.hidden.detach(), state.instruction_mask, state.prompt_valid)
         p_exit = self.exit_logits(state.layer, feats).softmax(-1)[:, 1]
         has_visual = state.n_visual > 0
         exit_now = (p_exit > self.layer_threshold(state.layer)) & has_visual

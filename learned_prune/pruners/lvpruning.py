@@ -123,8 +123,7 @@ class LVPruningHead(LearnedHead):
 
     def logits(self, state: PruneState) -> torch.Tensor:
         """(B, Nv, 2) keep/drop logits of the decision module at this site."""
-        seq = state.seq
-        text_valid = seq.prompt_valid & ~seq.is_visual
+        text_valid = state.prompt_valid & ~state.is_visual
         module = self.modules_by_site[str(state.layer)]
         with torch.autocast(state.hidden.device.type, enabled=False):
             return module(state.visual_hidden.float(), state.hidden.float(), text_valid)

@@ -55,7 +55,7 @@ def load_pruner(name: str | list | PrunerBase, **kwargs: Any) -> PrunerBase:
     ``load_pruner("fastv", layer=2, keep=64)``; ``load_pruner(["fastv", "random"], keep=0.5)``
     gives each the same kwargs; unknown names and unknown arguments raise with the valid choices.
     """
-    if isinstance(name, PrunerBase) or (hasattr(name, "select") and hasattr(name, "sites")):
+    if isinstance(name, PrunerBase):
         return name  # already a pruner (a registry class instance, or a learned head)
     if isinstance(name, (list, tuple)):
         return Compose([load_pruner(n, **kwargs) for n in name])

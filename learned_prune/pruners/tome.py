@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.state import PruneState
-from .aim import AIMMerge  # noqa: F401  transitional: configs/method/aim_merge.yaml names tome.AIMMerge
 from .merging import MergingPruner
 
 

@@ -5,11 +5,12 @@ Everything specific to the synthetic testbed lives here, above the rest of the p
 pruners, modules and evaluation know nothing of it.
 """
 
+from .backbone import testbed_llava
 from .datamodule import ShapesVQADataModule
 from .recipe import BackboneModule
 from .scenes import COLOR_NAMES, N_PATCH_CLASSES, QUESTION_TYPES, SHAPES, SIZE_NAMES, VOCAB, ShapesVQADataset
 
 __all__ = [
     "BackboneModule", "COLOR_NAMES", "N_PATCH_CLASSES", "QUESTION_TYPES", "SHAPES", "SIZE_NAMES", "VOCAB",
-    "ShapesVQADataModule", "ShapesVQADataset",
+    "ShapesVQADataModule", "ShapesVQADataset", "testbed_llava",
 ]
