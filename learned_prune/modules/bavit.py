@@ -4,9 +4,9 @@ Training needs no LLM pass: cross-entropy of the per-token foreground/background
 the per-patch masks the data provides (``patch_mask``: ShapesVQA's, or COCO boxes/polygons with
 ``data=coco_masks``), grown by ``margin`` patches on the patch grid. The margin is a choice the paper
 leaves open (it derives labels from masks or boxes): patches that touch an object carry its edge,
-and on the embedded backbone keeping the true foreground alone answers 74% of the validation
-questions where the foreground plus a one-patch border answers 89% (unpruned: 90%), so the
-default ``margin=1`` labels that border as foreground; ``margin=0`` trains on the masks as given.
+and on the embedded backbone the foreground alone answers far worse than the foreground plus a
+one-patch border (checkpoints/bavit-tiny/README.md), so the default ``margin=1`` labels that border
+as foreground; ``margin=0`` trains on the masks as given.
 Validation reports token accuracy and foreground F1 (torchmetrics) and, on VQA data, also runs the
 head as a pruner (hard mode, greedy answers, kept tokens, from the base module).
 """

@@ -17,12 +17,9 @@ Labels are the expensive part (one full and up to L-1 partial forwards per batch
 is a few small matmuls. ``replay`` (not in the official code, which trains the routers once on each
 labelled batch) adds that many earlier labelled samples, drawn uniformly from a FIFO buffer of the
 last ``replay_capacity`` ones, to every step's loss, so the routers see each label several times at
-no extra forward cost. On the embedded backbone, with the same 1,200 labelled batches of 32, the
-routers trained with ``replay=224`` (and lr 3e-3) save 31% of the LLM prefill at -0.5 points on
-validation, against 23% without replay (checkpoints/dyvte-tiny/README.md). The buffer lives in CPU
-memory (``replay_capacity x (L-1) x 2C`` float32 values: 59 MB for the embedded backbone at the
-default 8,192; 1.0 GB per 1,024 samples for a 32-layer, C=4096 LLM, so lower ``replay_capacity``
-there), is not saved in checkpoints and refills after a resume. The class defaults to ``replay=0``
+no extra forward cost (what it gains on the embedded backbone: checkpoints/dyvte-tiny/README.md).
+The buffer lives in CPU memory (``replay_capacity x (L-1) x 2C`` float32 values, so lower
+``replay_capacity`` for a wide, deep LLM), is not saved in checkpoints and refills after a resume. The class defaults to ``replay=0``
 (the official recipe); ``configs/module/dyvte.yaml`` ships ``replay=224`` with lr 3e-3 (``module.optimizer.lr``).
 
 Validation runs the head in hard mode (first exit wins) and logs accuracy, the exit-layer

@@ -1,7 +1,7 @@
 """ATP: adaptive token pruning with instance-wise learned thresholds (Ye et al., CVPR 2025, arXiv 2412.00447).
 
 "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models". No official code is public;
-this follows the paper's description (see DESIGN.md and shared/methods/learned_methods.md).
+this follows the paper's description (its Section 3).
 """
 
 from __future__ import annotations

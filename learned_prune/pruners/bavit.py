@@ -12,9 +12,8 @@ drops the background tokens before the frozen backbone. Here:
   has no site inside the tower), so the saving is in the LLM, where most of the prefill is;
 * kept tokens keep their original RoPE positions (``repack_positions=False``, unlike the vision
   site's default of re-packing them): background dropping is spatial, and an LLM that only saw
-  whole images reads a foreground that keeps its place in the grid. On the embedded backbone,
-  keeping exactly the true foreground patches scores 74% with original positions and 52% re-packed
-  (validation split; ``docs/benchmarks.md``); ``repack_positions=True`` gives the re-packed variant;
+  whole images reads a foreground that keeps its place in the grid (the embedded backbone's
+  comparison: checkpoints/bavit-tiny/README.md); ``repack_positions=True`` gives the re-packed variant;
 * inference keeps the tokens whose foreground probability exceeds ``threshold`` (an adaptive,
   per-image count; at least ``min_keep``), or with a budget ``keep`` the most probable ones.
 """

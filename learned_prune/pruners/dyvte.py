@@ -3,8 +3,7 @@
 "Accelerating Multimodal Large Language Models via Dynamic Visual-Token Exit and the Empirical
 Findings". One small router per decoder layer decides, from the text tokens' states, whether the
 visual tokens are still needed; at inference the first layer whose router says *exit* removes all
-visual tokens for the rest of the LLM (one exit per sample). See shared/methods/learned_methods.md,
-section 4.
+visual tokens for the rest of the LLM (one exit per sample).
 
 As in the official code: a router is ``Linear(2C, width) -> GELU -> Linear(width, 2)`` (no biases)
 over ``[mean of the instruction tokens' states (after the image, without the last token), the last

@@ -1,8 +1,7 @@
 """LVPruning: language-guided visual token pruning (Sun et al., NAACL Findings 2025, arXiv 2501.13652).
 
 "LVPruning: An Effective yet Simple Language-Guided Vision Token Pruning Approach for Multi-modal
-Large Language Models". No official code is public; this follows the paper (see
-shared/methods/learned_methods.md, section 1):
+Large Language Models". No official code is public; this follows the paper:
 
 * after three LLM layers (the paper: 1, 8 and 16 of 32, i.e. early, a quarter and half of the
   depth; scaled by depth here) a *decision module* reads the hidden states: 2 cross-attention

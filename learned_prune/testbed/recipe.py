@@ -1,16 +1,14 @@
 """``module=backbone``: train the whole tiny LLaVA on ShapesVQA (the embedded default backbone).
 
 A from-scratch LLaVA does not learn this task from the answer loss alone in a CPU budget: the vision
-tower learns shapes only after ~500 steps, and the LLM must route from the question through the
-answer token to the right patches before any of it pays off (a prototype sat at ~60% for 1,000+
-steps, and so did an earlier version of this recipe, at 40-47%). The recipe therefore teaches each
-link directly, in two stages of one run:
+tower learns shapes slowly, and the LLM must route from the question through the answer token to the
+right patches before any of it pays off. The recipe therefore teaches each link directly, in two
+stages of one run (what each part bought: the backbone's card and ``docs/history/``):
 
 1. **Tower stage** (the first ``tower_steps`` steps): only the vision tower trains, through a
    per-patch probe on the feature layer LLaVA feeds its projector — foreground, and the colour,
    shape, size and centre of the object covering each patch (``patch_weight``). Its position
-   embeddings start from a 2-D sin-cos table (``sincos_positions``) so locality is there from step
-   0; with it, per-patch shape accuracy jumps from ~40% to ~98% between steps 400 and 1,000.
+   embeddings start from a 2-D sin-cos table (``sincos_positions``) so locality is there from step 0.
 2. **Full stage**: every part trains (the tower at ``tower_lr_scale`` of the LLM's rate) with
    next-token cross-entropy on the answer tokens, the patch probe, and two losses on the token that
    predicts the answer:
@@ -20,14 +18,11 @@ link directly, in two stages of one run:
      question names (``-log`` of that mass);
    * **read-out** (``readout_weight``): a linear probe on its hidden state after ``readout_layer``
      (default: 3/4 of the depth) must give the colour, shape, size and centre of the first and
-     second named objects. Grounding alone put ~40% of the attention on the right patches yet left
-     accuracy at the priors; the read-out loss makes the attended features reach the answer (val
-     accuracy 39% -> 70% at step 400 of this stage in a prototype). For relative-position
-     questions (``relation_weight``) the answer token must also name the asked relation after the
-     middle layer and give the first object's signed offset from the second along it after
-     ``readout_layer`` (positive when the answer is yes). Without them, the centres of both objects
-     were linearly readable there (R^2 0.99 from layer 4 on) while the asked relation was not
-     (22-45% of 4 classes) and position answers stayed at chance at every distance between the objects.
+     second named objects: grounding alone puts attention on the right patches without their
+     features reaching the answer. For relative-position questions (``relation_weight``) the answer
+     token must also name the asked relation after the middle layer and give the first object's
+     signed offset from the second along it after ``readout_layer`` (positive when the answer is
+     yes): without them the model locates both objects but never reads which relation is asked.
 
 All probes are training-only; the exported model is a plain HF LLaVA (``save_pretrained``).
 """
