@@ -94,13 +94,13 @@ def plot_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
     free = itertools.cycle(itertools.product(["-", "--", ":", "-."], ["o", "s", "^", "v", "D", "P", "X"]))
     head_markers = itertools.cycle(["*", "h", "p", "8"])
     out = {}
-    for m in sorted(methods, key=lambda m: method_label(m)[0]):
+    for i, m in enumerate(sorted(methods, key=lambda m: method_label(m)[0])):
         label, learned = method_label(m)
         if learned:
             style = dict(linestyle="-", marker=next(head_markers), markersize=12, linewidth=2.5)
-        else:
+        else:  # every other method hollow, so that methods with equal results still show both markers
             line, marker = next(free)
-            style = dict(linestyle=line, marker=marker, markersize=6, linewidth=1.3)
+            style = dict(linestyle=line, marker=marker, markersize=7, linewidth=1.3, fillstyle="full" if i % 2 else "none")
         out[m] = dict(style, color=next(colours), label=label, learned=learned)
     return out
 
@@ -129,12 +129,13 @@ def accuracy_vs_flops_plot(records: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel(f"prefill {unit} per sample (LLM + vision + projector + the pruner's own)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    first = ax.legend(handles=handles[False], title="training-free", fontsize=8, loc="upper left",
-                      bbox_to_anchor=(1.01, 1.0))  # outside the axes: 18+ curves leave no empty corner
+    legends = [ax.legend(handles=handles[False], title="training-free", fontsize=8, loc="upper left",
+                         bbox_to_anchor=(1.01, 1.0))]  # outside the axes: 18+ curves leave no empty corner
     if handles[True]:
-        ax.add_artist(first)
-        ax.legend(handles=handles[True], title="learned heads", fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0))
+        ax.add_artist(legends[0])
+        legends.append(ax.legend(handles=handles[True], title="learned heads", fontsize=8, loc="lower left",
+                                 bbox_to_anchor=(1.01, 0.0)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends beside the axes
+    fig.savefig(path, dpi=120, bbox_inches="tight", bbox_extra_artists=legends)  # keeps the legends beside the axes
     plt.close(fig)
     return path
