@@ -75,16 +75,87 @@ def test_export_load_round_trip_and_size_check(tmp_path):
             pass
 
 
-def test_atp_hard_mode_keeps_a_varying_count_per_instance():
+GRID = {r * 12 + c for r in (2, 6, 10) for c in (2, 6, 10)}  # stride 4 on a 12 x 12 grid: rows and cols 2, 6, 10
+
+
+def _spied_atp(model):
+    """An ATP head with input-dependent thresholds whose every site records (scores, sources, valid, selection)."""
     from learned_prune.pruners.atp import ATPHead
 
+    tc = model.config.text_config
+    torch.manual_seed(0)
+    head = ATPHead(tc.hidden_size, tc.num_hidden_layers).eval()
+    for stage in head.modules_by_site.values():
+        torch.nn.init.normal_(stage.mlp[-1].weight, std=0.05)
+    seen = {}
+    scores, select = head.scores, head.select
+
+    def spy_scores(state):
+        out = scores(state)
+        seen[state.site] = {"scores": out, "source": state.visual_source.clone(), "valid": state.visual_valid.clone()}
+        return out
+
+    def spy_select(state):
+        sel = select(state)
+        seen[state.site]["selection"] = sel
+        return sel
+
+    head.scores, head.select = spy_scores, spy_select
+    return head, seen
+
+
+@torch.no_grad()
+def test_atp_spatial_grid_by_hand():
+    """The spatial branch scores 1 exactly on every 4th row AND column (offset 2), wherever the token now stands."""
     model, processor = testbed_llava("llava", text_layers=8, seed=0)
-    head = ATPHead(64, 8).eval()
-    batch = make_batch(processor, 3)
-    with torch.no_grad(), head(model) as engine:
-        model(**batch)
+    head, seen = _spied_atp(model)
+    with head(model):
+        model(**make_batch(processor, 3))
+    first, second = (seen[f"llm:{k}"] for k in head.layers)
+    assert first["valid"].all() and first["source"].shape[1] == 144
+    for site in (first, second):
+        s_sp, source, valid = site["scores"][1], site["source"], site["valid"]
+        want = torch.tensor([[int(s) in GRID for s in row] for row in source]) & valid
+        assert torch.equal(s_sp.bool(), want)
+    assert int(first["scores"][1][0].sum()) == 9
+
+
+@torch.no_grad()
+def test_atp_hard_decisions_by_hand():
+    """Hard mode keeps a token when its redundancy score is ABOVE its threshold or it lies on the grid
+    (spatial score above the spatial threshold); the count varies per instance."""
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    head, seen = _spied_atp(model)
+    with head(model) as engine:
+        model(**make_batch(processor, 3))
+    for k in head.layers:
+        site = seen[f"llm:{k}"]
+        (s_red, s_sp, th), valid = site["scores"], site["valid"]
+        by_red, by_grid = (s_red > th[:, :1]) & valid, (s_sp > th[:, 1:]) & valid
+        want = by_red | by_grid
+        assert want.any(1).all() and (~want & valid).any(1).all()  # some kept, some dropped: a real decision
+        assert (by_red & ~by_grid).any() and (by_grid & ~by_red).any()  # both branches decide something
+        got = site["selection"].indices
+        for b in range(len(got)):
+            assert got[b][got[b] >= 0].tolist() == want[b].nonzero()[:, 0].tolist(), (k, b)
     counts = engine.kept_tokens[f"llm:{head.layers[-1]}"]
-    assert (counts > 0).all() and (counts <= 144).all()
+    assert len(set(counts.tolist())) > 1, "the kept count should vary per instance"
+
+
+@torch.no_grad()
+def test_atp_soft_keep_probability_by_hand():
+    """Soft mode: p = max(sigmoid((s_red - t_red) T), sigmoid((s_sp - t_sp) T)): high where the score is above."""
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    head, seen = _spied_atp(model)
+    with head(model, mode="soft"):
+        model(**make_batch(processor, 3))
+    (s_red, s_sp, th), valid = seen[f"llm:{head.layers[0]}"]["scores"], seen[f"llm:{head.layers[0]}"]["valid"]
+    T = head.temperature
+    want = torch.maximum(torch.sigmoid((s_red - th[:, :1]) * T), torch.sigmoid((s_sp - th[:, 1:]) * T))
+    got = seen[f"llm:{head.layers[0]}"]["selection"].keep_prob
+    torch.testing.assert_close(got, want.masked_fill(~valid, 0))
+    grid = s_sp.bool()
+    assert (got[grid] > 0.5).all()  # the grid tokens are kept, whatever their redundancy score
 
 
 def test_sweep_parameters_are_valid_overrides():
