@@ -128,3 +128,41 @@ def test_teacher_forced_answers_do_not_reach_the_pruner(name):
         prompt_only = model(**one).logits[0]
     torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
     torch.testing.assert_close(outs[0], prompt_only, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("bias, want", [((20.0, -20.0), 1.0), ((-20.0, 20.0), 0.0)])
+def test_soft_decisions_take_the_keep_channel(training, bias, want):
+    """Logit 0 is *keep*: a module sure to keep gives keep-probability 1 (Gumbel in training, argmax otherwise),
+    one sure to drop gives 0, as hard mode's top-k of ``keep - drop`` reads them."""
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    tc = model.config.text_config
+    head = LVPruningHead(tc.hidden_size, tc.num_hidden_layers).train(training)
+    for module in head.modules_by_site.values():
+        module.out.bias.copy_(torch.tensor(bias))
+    records = record_selections(head)
+    torch.manual_seed(0)
+    with head(model, mode="soft"):
+        model(**make_batch(processor, 2))
+    p = records[0][2].keep_prob
+    assert torch.equal(p, torch.full_like(p, want))
+    loss, _ = head.budget_loss()  # the per-sample ratio MSE, by hand: the cumulative kept fraction is `want` everywhere
+    torch.testing.assert_close(loss, torch.tensor(sum((want - r) ** 2 for r in head.ratios) / 3))
+
+
+def test_ratio_loss_lowers_the_keep_logit_when_too_many_are_kept():
+    """The budget objective's direction: starting from keep-everything, its gradient pushes every module's keep
+    logit down and its drop logit up (gradient descent then keeps fewer)."""
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    tc = model.config.text_config
+    head = LVPruningHead(tc.hidden_size, tc.num_hidden_layers).train()
+    torch.manual_seed(0)
+    with head(model, mode="soft"):
+        model(**make_batch(processor, 2))
+    loss, logs = head.budget_loss()
+    assert all(float(logs[f"kept_frac/llm:{k}"]) > r for k, r in zip(head.layers, head.ratios))
+    loss.backward()
+    for module in head.modules_by_site.values():
+        g = module.out.bias.grad
+        assert g[0] > 0 and g[1] < 0, g
