@@ -282,3 +282,50 @@ def test_a_run_with_replay_resumes_from_its_checkpoint_and_refills_the_buffer(tm
     second["trainer"].fit(second["module"], datamodule=second["datamodule"], ckpt_path=str(last))
     assert second["trainer"].global_step == 5
     assert second["module"].buffer.size == 2 * 4  # not checkpointed: only the two steps after the resume
+
+
+def test_flops_saved_by_hand():
+    """An exit at layer e of L saves (L - e) layers' worth of the visual tokens' FLOPs; no exit saves nothing."""
+    from learned_prune.modules import DyVTEModule
+
+    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    module = DyVTEModule(model, processor)
+    batch = make_batch(processor, 3)
+    batch = {"prompt_input_ids": batch["input_ids"], "prompt_attention_mask": batch["attention_mask"]}
+    module.head.exit_layer = torch.tensor([2, 8, 7])
+    tc = model.config.text_config
+    d, m = tc.hidden_size, tc.intermediate_size
+
+    def layer(n: int) -> float:  # q, k, v, o projections + scores and weighted values + gated MLP
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+    n = batch["prompt_attention_mask"].sum(1).tolist()
+    nv = (batch["prompt_input_ids"] == model.config.image_token_id).sum(1).tolist()
+    want = [(8 - e) * (layer(n[i]) - layer(n[i] - nv[i])) / (8 * layer(n[i])) for i, e in enumerate((2, 8, 7))]
+    got = module.flops_saved(batch)
+    assert want[0] > want[2] > 0 and want[1] == 0
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
+def test_router_objective_raises_the_exit_probability_on_exit_labels(tmp_path, monkeypatch):
+    """Label 1 means *exit* for the loss as for inference (``p_exit = softmax[:, 1]``): a gradient step on
+    exit labels raises the routers' exit probability, on stay labels lowers it."""
+    cfg = compose_train(tmp_path, [*DYVTE, "test=false"], "dyvte-head")
+    parts = build(cfg)
+    module, dm = parts["module"], parts["datamodule"]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    feats, _ = module.make_labels(batch, [2, 5])
+    start = {k: v.clone() for k, v in module.head.state_dict().items()}
+    for label in (1, 0):
+        module.head.load_state_dict(start)
+        module.head.zero_grad()
+        monkeypatch.setattr(module, "make_labels", lambda b, layers: (feats, {k: torch.full((4,), label) for k in layers}))
+        opt = torch.optim.SGD(module.head.parameters(), lr=0.1)
+        before = {k: module.head.exit_logits(k, feats[k]).softmax(-1)[:, 1].detach() for k in (2, 5)}
+        module.router_loss(batch, [2, 5], "train").backward()
+        opt.step()
+        for k in (2, 5):
+            after = module.head.exit_logits(k, feats[k]).softmax(-1)[:, 1].detach()
+            assert ((after > before[k]) if label else (after < before[k])).all(), (label, k)
