@@ -1,5 +1,6 @@
 """The embedded testbed: ShapesVQA scenes and questions, its data module, its vocabulary and the
-recipe that trains the tiny backbone shipped in ``checkpoints/tiny-llava-shapes`` (``module=backbone``).
+recipe that trains the tiny backbone shipped in ``checkpoints/tiny-llava-shapes`` (``module=backbone``;
+``module=contrastive`` is the CLIP-style tower stage of the recipe being built for issue #19).
 
 Everything specific to the synthetic testbed lives here, above the rest of the package: the engine,
 pruners, modules and evaluation know nothing of it.

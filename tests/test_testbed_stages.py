@@ -1,0 +1,47 @@
+"""The testbed recipe's stages: each runs a few steps from its config, and does what it is for."""
+
+from __future__ import annotations
+
+import torch
+
+from learned_prune.testbed.contrastive import describe, retrieval_accuracy
+
+from helpers import compose_train
+
+TINY = ["backbone.vision_hidden=32", "backbone.text_hidden=32", "backbone.text_layers=2", "backbone.vision_layers=2",
+        "backbone.intermediate_size=64", "logger=csv", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
+
+
+def test_captions_list_the_objects_from_left_to_right():
+    objects = [dict(cx=50.0, size="small", color="blue", shape="cross"), dict(cx=10.0, size="large", color="red", shape="circle")]
+    assert describe(objects) == "a large red circle , a small blue cross"
+
+
+def test_retrieval_accuracy_counts_identical_captions_as_right():
+    logits = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert float(retrieval_accuracy(logits, ["a", "a", "b"])) == 1.0
+    assert abs(float(retrieval_accuracy(logits, ["a", "b", "c"])) - 1 / 3) < 1e-6
+
+
+def test_the_contrastive_stage_teaches_cls_to_retrieve_its_caption(tmp_path):
+    from learned_prune.run import build
+
+    cfg = compose_train(tmp_path, ["module=contrastive", *TINY, "data.batch_size=16", "data.train_size=16",
+                                   "data.val_size=16", "trainer.max_steps=40", "trainer.val_check_interval=40",
+                                   "module.warmup_steps=4", "module.lr=3e-3"])
+    parts = build(cfg)
+    module, dm = parts["module"], parts["datamodule"]
+    frozen = {k: v.clone() for k, v in module.model.model.language_model.state_dict().items()}
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        before = float(retrieval_accuracy(module.similarity(batch), batch["captions"]))
+    parts["trainer"].fit(module, datamodule=dm)
+    module.eval()
+    with torch.no_grad():
+        after = float(retrieval_accuracy(module.similarity(batch), batch["captions"]))
+    chance = 1 / 16
+    print(f"retrieval on the training batch: {before:.2f} before, {after:.2f} after")
+    assert after > max(before, 3 * chance), (before, after)  # the [CLS] now finds its own caption
+    lm = module.model.model.language_model.state_dict()
+    assert all(torch.equal(frozen[k], lm[k]) for k in frozen), "only the tower (and the text side) may train"
+    assert (tmp_path / "export" / "model.safetensors").is_file()
