@@ -41,6 +41,30 @@ def test_divprune_first_pick_is_nearest_neighbour_outlier():
     assert max_min_diverse(x, torch.ones(1, 5, dtype=torch.bool), torch.tensor([1])).tolist() == [[4]]
 
 
+def test_divprune_on_separated_clusters_takes_one_token_per_cluster():
+    """Three tight clusters on orthogonal axes (4, 3 and 2 tokens) and one outlier opposite them all: the outlier
+    is the most isolated (first pick), then each step must leave the clusters already covered (the *minimum*
+    distance to the chosen set is what a max-min step maximises)."""
+    a = [[1.0, 0.01, 0.0], [1.0, 0.0, 0.01], [1.0, 0.02, 0.01], [1.0, 0.01, 0.02]]
+    b = [[0.01, 1.0, 0.0], [0.0, 1.0, 0.01], [0.02, 1.0, 0.01]]
+    c = [[0.0, 0.01, 1.0], [0.01, 0.0, 1.0]]
+    x = torch.tensor(a + b + c + [[-1.0, -1.0, -1.0]])  # cluster of token i: 0 0 0 0 1 1 1 2 2 3
+    cluster = [0, 0, 0, 0, 1, 1, 1, 2, 2, 3]
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    xs = torch.stack([x, x[perm]])  # the same tokens in another order, in the same batch
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    for k in (1, 2, 3, 4):
+        picks = max_min_diverse(xs, valid, torch.tensor([k, k])).tolist()
+        for b, order in enumerate((torch.arange(10), perm)):
+            got = [cluster[order[i]] for i in picks[b]]
+            assert sorted(got) == sorted(set(got)) and 3 in got, (k, b, got)  # distinct clusters, the outlier first
+    # a cluster whose members are all padding is never picked; the budget then repeats no cluster before it must
+    valid[1] = True
+    valid[0, 7:9] = False
+    picks = max_min_diverse(xs, valid, torch.tensor([3, 4]))[0].tolist()
+    assert sorted(cluster[i] for i in picks if i >= 0) == [0, 1, 3] and picks[-1] == -1
+
+
 def test_dart_never_keeps_a_duplicate_of_a_pivot_before_distinct_tokens():
     # 8 visual tokens in 4 directions; token 0 is the pivot (largest key norm), token 4 duplicates it
     base = torch.eye(4)
