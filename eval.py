@@ -9,12 +9,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from learned_prune.evaluate import evaluate
+from learned_prune.evaluate import main as run_eval
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_eval(cfg)
 
 
 if __name__ == "__main__":

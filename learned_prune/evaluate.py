@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,28 +11,53 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation.grid import run_grid
-from .evaluation.methods import check_methods
+from .evaluation.methods import check_grid, check_methods, parse_keeps, parse_methods
 from .evaluation.report import accuracy_vs_flops_plot, markdown_table
 from .pruners import PRUNERS
+from .pruners.checked_io import read_json
 
 
 def head_folders(root: Path) -> list[str]:
-    """Exported pruning heads under ``root``: folders whose config.json names a ``method``."""
+    """Exported pruning heads under ``root``: folders whose config.json names a ``method``. A config.json
+    that is not valid JSON fails naming the file, rather than leaving its folder out of the grid unseen."""
     out = []
     for cfg in sorted(root.glob("*/config.json")):
         try:
-            if "method" in json.loads(cfg.read_text()):
-                out.append(str(cfg.parent))
-        except json.JSONDecodeError:
-            continue
+            config = read_json(cfg, "config")
+        except ValueError as e:
+            raise ValueError(f"{e}. The default grid reads every {root}/*/config.json to find the head folders: fix "
+                             "this file, move its folder away, or name the methods (methods=[...])") from None
+        if "method" in config:
+            out.append(str(cfg.parent))
     return out
 
 
-def resolve_methods(methods: list[str] | None, checkpoints: Path) -> list[str]:
-    """The grid's method specs: those given, or every registered pruner and every head folder."""
-    if methods:
-        return [str(m) for m in methods]  # checked by check_methods before the grid runs
-    return list(PRUNERS) + head_folders(checkpoints)
+def resolve_methods(methods: Any, checkpoints: Path) -> list[str]:
+    """The grid's method specs: those given, or (unset) every registered pruner and every head folder."""
+    specs = parse_methods(methods)  # an empty list is refused, not read as "unset"
+    return specs if specs is not None else list(PRUNERS) + head_folders(checkpoints)
+
+
+def resume_command(out: Path) -> str:
+    """The command that resumes this eval.py run: its overrides (when Hydra ran it) and its run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    return " ".join(["python eval.py", *(f"'{o}'" if any(c in o for c in "[]@+ ") else o for o in overrides),
+                     f"hydra.run.dir={out}"])
+
+
+def main(cfg: DictConfig) -> list[dict[str, Any]]:
+    """``eval.py``: :func:`evaluate`, and on Ctrl-C one line saying how to resume (finished runs are kept)."""
+    try:
+        return evaluate(cfg)
+    except KeyboardInterrupt:
+        out = Path(cfg.paths.output_dir)
+        print(f"\ninterrupted; finished runs are kept in {out / 'results.jsonl'}. Resume: {resume_command(out)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def method_options(config_dir: Path) -> dict[str, dict]:
@@ -52,13 +77,23 @@ def method_options(config_dir: Path) -> dict[str, dict]:
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the grid ``cfg`` describes into ``cfg.paths.output_dir`` (resuming what is there); every method
+    spec and budget is checked, on the loaded model too, before the first run."""
+    out = Path(cfg.paths.output_dir)
+    print(f"eval run folder: {out} (an interrupted grid resumes with hydra.run.dir={out})", flush=True)
     pl.seed_everything(cfg.seed, workers=True)
-    methods = resolve_methods(cfg.methods, Path(cfg.paths.checkpoints_dir))
-    keeps = [float(k) if isinstance(k, float) else int(k) for k in cfg.keep]
+    methods = resolve_methods(OmegaConf.to_object(cfg.methods) if OmegaConf.is_config(cfg.methods) else cfg.methods,
+                              Path(cfg.paths.checkpoints_dir))
+    keeps = parse_keeps(OmegaConf.to_object(cfg.keep) if OmegaConf.is_config(cfg.keep) else cfg.keep)
+    check_grid(methods, keeps)
     options = method_options(Path(cfg.paths.root_dir) / "configs" / "method")
     check_methods(methods, keeps, options)  # wrong arguments fail now, not after the methods before them
     model, processor = hydra.utils.instantiate(cfg.backbone)
+    check_methods(methods, keeps, options, model=model)  # and what only the model can tell (e.g. llm:K in range)
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    if len(datamodule.test_set) == 0:
+        raise ValueError(f"the evaluation split is empty (data.test_size={cfg.data.get('test_size')}): "
+                         "set data.test_size to at least 1")
     loader = datamodule.test_dataloader()
     dataset = getattr(datamodule, "name", None) or \
         f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
@@ -66,7 +101,6 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
     timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
                      "pixel_values": timing["pixel_values"]}
-    out = Path(cfg.paths.output_dir)
     records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
                        warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,

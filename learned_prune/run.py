@@ -6,15 +6,77 @@ Kept out of ``train.py`` so that tests and sweeps can call :func:`train` on a co
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from .modules.callbacks import ExportOnTrainEnd, LastCheckpoint
+
+# Lightning messages that tell the user nothing here: the frozen backbone is in eval mode on purpose, the
+# litlogger advertisement, and the `weights_only` default announced at every checkpoint save
+_QUIET_WARNINGS = (r"Found \d+ module\(s\) in eval mode at the start of training",
+                   r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+_QUIET_LOGS = ("💡 Tip: For seamless cloud logging", "`weights_only` was not set, defaulting to")
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``_QUIET_LOGS``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_QUIET_LOGS)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's messages that say nothing to the user (only those, by filter; idempotent)."""
+    for pattern in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages())
+
+
+class CheckRunFolder(HydraCallback):
+    """A Hydra callback: before the run, make sure its folder (``hydra.run.dir``; ``hydra.sweep.dir`` for a
+    multirun) can be created and written, so a read-only place ends the program with one line naming the
+    folder and the override that changes it (Hydra turns a callback's exceptions into warnings, so this
+    exits)."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        try:
+            check_writable(Path(str(OmegaConf.select(config, key))), key)
+        except PermissionError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+
+def check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
+    """Create ``folder`` and write and remove a probe file in it; raise :class:`PermissionError` naming the
+    folder and ``key`` (the override that moves it) otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"the run folder {folder} cannot be written ({e.strerror or e}): choose a writable "
+                              f"one with {key}=<folder> (or paths.log_dir=<folder>)") from None
 
 
 def _instantiate_all(section: DictConfig | None) -> list[Any]:
@@ -25,9 +87,12 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate backbone, data, module, callbacks, logger and trainer from a composed config."""
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     model, processor = hydra.utils.instantiate(cfg.backbone)
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    if cfg.get("train", True) and getattr(datamodule, "EVALUATION_ONLY", None):
+        raise ValueError(datamodule.EVALUATION_ONLY)
     module = hydra.utils.instantiate(cfg.module, model=model, processor=processor)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     logger_cfg = cfg.get("logger")

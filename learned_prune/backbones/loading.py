@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,20 @@ def load_backbone(
     if name in ("tiny", "tiny-next"):
         model, processor = tiny_llava("llava" if name == "tiny" else "llava_next", attn_implementation=attn_implementation)
         return model.to(device or "cpu"), processor
-    is_local = Path(name).is_dir()
     if local_files_only is None:
         local_files_only = True
+    _check_local(name)
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
     except OSError as e:
-        hint = "the folder has no config.json" if is_local else (
-            "it is not in the local HF cache and this library does not download; "
-            "fetch it once with `huggingface-cli download` or pass a local folder"
-        )
-        raise FileNotFoundError(f"cannot load backbone {name!r}: {hint}") from e
+        if Path(name).is_dir():
+            raise ValueError(f"cannot load backbone {name!r}: {Path(name) / 'config.json'} cannot be read "
+                             f"({e})") from e
+        raise FileNotFoundError(
+            f"cannot load backbone {name!r}: there is no folder {name} here ({Path.cwd()}), and no hub id {name!r} "
+            "in the local HF cache (this library does not download: fetch it once with `huggingface-cli download "
+            f"{name}`), so check the path or pass a local folder"
+        ) from e
     if config.model_type not in _CLASSES:
         raise ValueError(f"{name!r} is a {config.model_type!r} model; supported: {sorted(_CLASSES)}")
     import transformers
@@ -74,3 +78,27 @@ def load_backbone(
     if device is not None:
         model.to(device)
     return model, processor
+
+
+def _check_local(name: str) -> None:
+    """Refuse, naming the path, a local path that does not exist (a hub id never starts with ``/``, ``.``
+    or ``~`` nor has more than one ``/``) and a folder that is not an HF model: a pruning head's folder,
+    or one without a readable config.json."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+            raise FileNotFoundError(f"cannot load backbone {name!r}: no such folder ({path.absolute()}); give the "
+                                    "folder a save_pretrained wrote, or a hub id in the local HF cache")
+        return  # a hub id (or a relative folder of the same form, which then fails with both explanations)
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise FileNotFoundError(f"cannot load backbone {name!r}: {path} is not a model folder (it needs the "
+                                "config.json, weights and processor files save_pretrained writes)")
+    try:
+        values = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot load backbone {name!r}: {config} is not valid JSON ({e})") from None
+    if isinstance(values, dict) and "method" in values and "model_type" not in values:
+        trained_on = (values.get("backbone") or {}).get("name_or_path")
+        raise ValueError(f"{name} is a pruning head's folder ({values['method']}), not a backbone: load it with "
+                         f"load_pruner({name!r}); its backbone is {trained_on!r}")

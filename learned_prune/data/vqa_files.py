@@ -22,7 +22,6 @@ using a single word or phrase."; ScienceQA lists lettered options and asks for t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .vqa_metrics import BENCHMARKS, BenchmarkAccuracy
+from .vqa_rows import LETTER_ANSWER, NEEDS, SHORT_ANSWER, RowError, benchmark_records, read_annotations
 from .collate import VQACollator
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 DEFAULT_FILES = {
     "gqa": ("testdev_balanced_questions.json", "images"),
     "pope": ("coco_pope_random.json", "val2014"),
     "scienceqa": ("problems.json", "images"),
     "textvqa": ("TextVQA_0.5.1_val.json", "train_images"),
 }
-
-
-def _read_json_or_jsonl(path: Path) -> Any:
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _image_file(folder: Path, name: str) -> Path:
@@ -61,41 +51,6 @@ def _image_file(folder: Path, name: str) -> Path:
             return folder / (name + ext)
     return folder / (name + ".jpg")
 
-
-def _records(benchmark: str, data: Any, split: str, source: Path) -> list[dict[str, Any]]:
-    """Normalise one benchmark's annotation structure to ``{question, answer, answers, image, qtype}``."""
-    out = []
-    if benchmark == "gqa":
-        rows = [{"question_id": k, **v} for k, v in data.items()] if isinstance(data, dict) else data
-        for r in rows:
-            image = r.get("image") or str(r.get("imageId", ""))
-            out.append({"question": f"{r.get('question') or r['text']}\n{SHORT_ANSWER}", "answer": r["answer"],
-                        "image": image, "qtype": "gqa"})
-    elif benchmark == "pope":
-        default = next((c for c in ("adversarial", "popular", "random") if c in source.name), "pope")
-        for r in data:
-            out.append({"question": r.get("text") or r["question"], "answer": r["label"].strip().lower(),
-                        "image": r["image"], "qtype": r.get("category", default)})
-    elif benchmark == "scienceqa":
-        rows = data.items() if isinstance(data, dict) else ((str(i), r) for i, r in enumerate(data))
-        for pid, r in rows:
-            if not r.get("image") or r.get("split", split) != split:
-                continue
-            choices = list(r["choices"])
-            letters = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
-            letter = chr(ord("A") + int(r["answer"]))
-            out.append({"question": f"{r['question']}\n{letters}\n{LETTER_ANSWER}", "answer": letter,
-                        "gold": f"{letter}|{len(choices)}", "image": f"{split}/{pid}/{r['image']}",
-                        "qtype": r.get("subject", "scienceqa")})
-    elif benchmark == "textvqa":
-        rows = data["data"] if isinstance(data, dict) else data
-        for r in rows:
-            answers = list(r["answers"])
-            out.append({"question": f"{r['question']}\n{SHORT_ANSWER}", "answer": max(set(answers), key=answers.count),
-                        "gold": answers, "image": r.get("image") or str(r["image_id"]), "qtype": "textvqa"})
-    for r in out:
-        r.setdefault("gold", r["answer"])
-    return out
 
 
 class VQABenchmarkDataset(Dataset):
@@ -117,13 +72,17 @@ class VQABenchmarkDataset(Dataset):
         img = Path(image_folder or default_img)
         self.image_folder = img if img.is_absolute() else root / img
         self.benchmark = benchmark
+        self.source = ann
         self.hf = None
+        if size is not None and size < 1:
+            raise ValueError(f"data.test_size={size}: evaluate at least 1 question (data.test_size=null: all of them)")
         if ann.is_dir():  # a saved HF dataset
             self.hf = _load_hf(ann, split)
             self.records = None
             n = len(self.hf)
         elif ann.is_file():
-            self.records = _records(benchmark, _read_json_or_jsonl(ann), split, ann)
+            data, lines = read_annotations(ann)
+            self.records = benchmark_records(benchmark, data, split, ann, lines)
             n = len(self.records)
         else:
             raise FileNotFoundError(f"{benchmark} annotations not found at {ann}: set data.annotations "
@@ -140,6 +99,14 @@ class VQABenchmarkDataset(Dataset):
         if self.records is not None:
             return self.records[index]
         row = dict(self.hf[index])
+        try:
+            return self._hf_record(row)
+        except (KeyError, RowError) as e:
+            raise ValueError(f"{self.source}, row {index}: needs {e}; a {self.benchmark} row has "
+                             f"{NEEDS[self.benchmark]}") from None
+
+    def _hf_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One row of a saved HF dataset as ``{question, answer, gold, image, qtype}``."""
         answers = row.get("answers")
         answer = row.get("answer", answers[0] if answers else "")
         if "choices" in row and row["choices"]:
@@ -148,6 +115,8 @@ class VQABenchmarkDataset(Dataset):
             return {"question": f"{row['question']}\n{letters}\n{LETTER_ANSWER}", "answer": letter,
                     "gold": f"{letter}|{len(row['choices'])}", "image": row["image"], "qtype": self.benchmark}
         suffix = "" if self.benchmark == "pope" else f"\n{SHORT_ANSWER}"
+        if self.benchmark == "pope" and str(answer).strip().lower() not in ("yes", "no"):
+            raise RowError(f"a yes/no answer (got {answer!r}; POPE scores yes/no answers)")
         return {"question": f"{row['question']}{suffix}", "answer": str(answer).strip().lower()
                 if self.benchmark == "pope" else str(answer), "gold": list(answers) if answers else str(answer),
                 "image": row["image"], "qtype": row.get("category", self.benchmark)}
@@ -162,7 +131,12 @@ class VQABenchmarkDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} not found: set data.image_folder (relative to data.root) "
                                         f"to the folder holding the {self.benchmark} images")
-            image = Image.open(path)
+            try:
+                with Image.open(path) as img:
+                    image = img.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as e:  # truncated, damaged or not an image
+                raise ValueError(f"image {path} cannot be read ({e}): replace the file, or leave its question "
+                                 f"out of {self.source.name}") from None
         return {"image": np.asarray(image.convert("RGB")), "question": r["question"], "answer": r["answer"],
                 "gold": r["gold"], "qtype": r["qtype"], "index": index}
 
@@ -193,6 +167,9 @@ class BenchmarkCollator(VQACollator):
 class VQABenchmarkDataModule(pl.LightningDataModule):
     """An evaluation-only data module over one local benchmark (``python eval.py data=vqa``)."""
 
+    EVALUATION_ONLY = ("data=vqa reads benchmarks for evaluation only (python eval.py data=vqa ...); train.py needs "
+                       "training data: data=shapes (the testbed) or data=coco_masks (module=bavit)")
+
     def __init__(self, processor: Any = None, benchmark: str = "pope", root: str = "data/vqa",
                  annotations: str | None = None, image_folder: str | None = None, split: str = "test",
                  eval_batch_size: int = 16, batch_size: int | None = None, num_workers: int = 0,
@@ -211,6 +188,9 @@ class VQABenchmarkDataModule(pl.LightningDataModule):
 
     def metric(self) -> BenchmarkAccuracy:
         return BenchmarkAccuracy(self.benchmark)
+
+    def train_dataloader(self) -> DataLoader:
+        raise ValueError(self.EVALUATION_ONLY)
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,

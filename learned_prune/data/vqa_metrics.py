@@ -158,6 +158,9 @@ class BenchmarkAccuracy(Metric):
         if self.benchmark == "gqa":
             return float(gqa_correct(prediction, gold))
         if self.benchmark == "pope":
+            if gold.strip().lower() not in ("yes", "no"):
+                raise ValueError(f"POPE label {gold!r} is not yes/no: POPE scores yes/no answers, so any other "
+                                 "label would score 0 for every prediction; fix the label in the annotations")
             return float(pope_answer(prediction) == gold.strip().lower())
         letter, n = gold.split("|")
         return float(scienceqa_correct(prediction, letter, int(n)))

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .measure import TIMING_FIELDS, analytic_flops, count_selection_flops, time_prefill_and_generation
-from .methods import build_pruner, spec_is_adaptive
+from .methods import build_pruner, check_grid, spec_is_adaptive
 from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
@@ -110,11 +110,14 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
 
-    ``repeats=0`` skips the timing (accuracy-only sweeps): its fields are recorded as ``None``.
+    ``repeats=0`` skips the timing (accuracy-only sweeps): its fields are recorded as ``None``; so is the
+    peak memory on CPU, where it cannot be measured per run (``measure.time_prefill_and_generation``).
+    A method or budget listed twice, or no budget for a method that needs one, is refused.
     Records already in that file are skipped, so an interrupted grid resumes where it stopped.
     ``none`` runs once (its budget is ``"all"``), adaptive heads once (``"adaptive"``, compared at their
     mean kept count). ``options`` maps a method to its constructor arguments (configs/method/<name>.yaml).
     """
+    check_grid(methods, keeps)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
     records = load_records(path)

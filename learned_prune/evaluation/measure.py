@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -18,36 +16,6 @@ from .flops import prefill_flops
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _RssPeak:
-    """Peak resident-memory growth of this process while active (CPU), sampled every millisecond."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> "_RssPeak":
-        self.base = self._rss()
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def count_selection_flops(pruner: Any) -> list[float]:
@@ -89,8 +57,12 @@ TIMING_FIELDS = ("prefill_ms", "generate_ms", "peak_mem_mb", "kv_cache_mb")
 @torch.no_grad()
 def time_prefill_and_generation(
     model: torch.nn.Module, pruner: Any, inputs: dict, repeats: int = 5, warmup: int = 2, max_new_tokens: int = 2
-) -> dict[str, float]:
-    """Median prefill latency (after warm-up), total generation latency, peak memory, KV-cache MB."""
+) -> dict[str, float | None]:
+    """Median prefill latency (after warm-up), total generation latency, peak memory, KV-cache MB.
+
+    Peak memory is the CUDA allocator's peak above what was allocated before the prefill. On CPU it is
+    None (shown as "n/a"): the process's resident memory does not tell one run's peak (the allocator
+    reuses memory freed by earlier runs, so its growth reads 0 for most methods)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: time at least one prefill (the eval grid skips timing at 0)")
     device = next(model.parameters()).device
@@ -107,9 +79,8 @@ def time_prefill_and_generation(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        with _RssPeak() as rss:
-            out = model(**inputs, use_cache=True, logits_to_keep=1)
-        peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else rss.peak - rss.base
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
         cache = out.past_key_values
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                  if t is not None)
@@ -118,5 +89,5 @@ def time_prefill_and_generation(
         model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         _sync(device)
         gen = (time.perf_counter() - t) * 1000
-    return {"prefill_ms": statistics.median(times), "generate_ms": gen, "peak_mem_mb": peak / 2**20,
+    return {"prefill_ms": statistics.median(times), "generate_ms": gen, "peak_mem_mb": peak,
             "kv_cache_mb": kv / 2**20}

@@ -38,12 +38,13 @@ def _fmt_kept(kept: dict[str, float]) -> str:
     return ", ".join(f"{s}: {v:.0f}" for s, v in kept.items()) or "all"
 
 
-def _num(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _num(value: float | None, digits: int, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.{digits}f}"
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    """One row per (method, keep, dataset), sorted by dataset, keep and accuracy."""
+    """One row per (method, keep, dataset), sorted by dataset, keep and accuracy. Timing skipped shows "-";
+    peak memory that cannot be measured (CPU) shows "n/a"."""
     qtypes = sorted({k[4:] for r in records for k in r.get("accuracy_by_type", {}) if k.startswith("acc_")})
     extra = sorted({k for r in records for k in r.get("metrics", {})})  # POPE: precision, recall, f1, yes_ratio
     head = ["method", "keep", "dataset", "accuracy", *qtypes, *extra, "kept visual tokens", "prefill TFLOPs",
@@ -52,11 +53,13 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     ordered = sorted(records, key=lambda r: (r["dataset"], str(r["keep"]), -r["accuracy"]))
     for r in ordered:
         by_type = r.get("accuracy_by_type", {})
+        peak_missing = "-" if r.get("prefill_ms") is None else "n/a"  # timing skipped / not measurable (CPU)
         cells = [r["method"], str(r["keep"]), r["dataset"], f"{100 * r['accuracy']:.1f}",
                  *[f"{100 * by_type.get('acc_' + q, float('nan')):.1f}" for q in qtypes],
                  *[f"{100 * r.get('metrics', {}).get(k, float('nan')):.1f}" for k in extra],
                  _fmt_kept(r["kept_tokens"]), f"{r['prefill_tflops']:.4f}", _num(r.get("prefill_ms"), 1),
-                 _num(r.get("generate_ms"), 1), _num(r.get("peak_mem_mb"), 1), _num(r.get("kv_cache_mb"), 2)]
+                 _num(r.get("generate_ms"), 1), _num(r.get("peak_mem_mb"), 1, peak_missing),
+                 _num(r.get("kv_cache_mb"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

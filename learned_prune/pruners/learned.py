@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import PrunerBase
+from .checked_io import read_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -208,8 +209,13 @@ class LearnedHead(PrunerBase, nn.Module):
         return folder
 
     def load_weights(self, folder: str | Path) -> None:
-        state = load_file(str(Path(folder) / WEIGHTS_NAME))
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        """Load ``folder/model.safetensors`` (checked by :func:`read_weights`) into this head."""
+        path = Path(folder) / WEIGHTS_NAME
+        state = read_weights(path, "head weights")
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that do not match the config's hyper-parameters
+            raise ValueError(f"{path}: weights do not fit this {self.method} head: {e}") from None
         if missing or unexpected:
-            raise ValueError(f"{folder}: weights do not fit this {self.method} head "
+            raise ValueError(f"{path}: weights do not fit this {self.method} head "
                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")

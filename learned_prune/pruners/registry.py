@@ -41,6 +41,12 @@ PRUNERS: dict[str, type] = {
 }
 
 
+def looks_like_path(name: str) -> bool:
+    """True when ``name`` is written as a file path (``checkpoints/atp-tiny``, ``./h``, ``~/h``), not a
+    registry name (registry names hold no path separator)."""
+    return "/" in name or "\\" in name or name.startswith((".", "~"))
+
+
 def register_pruner(name: str, cls: type) -> type:
     """Add a pruner class under ``name`` (one line per method)."""
     if name in PRUNERS and PRUNERS[name] is not cls:
@@ -59,8 +65,8 @@ def load_pruner(name: str | list | PrunerBase, **kwargs: Any) -> PrunerBase:
         return name  # already a pruner (a registry class instance, or a learned head)
     if isinstance(name, (list, tuple)):
         return Compose([load_pruner(n, **kwargs) for n in name])
-    if name not in PRUNERS and Path(name).is_dir():
-        from .heads import load_head  # learned heads exported as folders
+    if name not in PRUNERS and (Path(name).is_dir() or looks_like_path(str(name))):
+        from .heads import load_head  # learned heads exported as folders (a missing one fails naming the path)
 
         return load_head(name, **kwargs)
     if name not in PRUNERS:
