@@ -45,3 +45,45 @@ def test_the_contrastive_stage_teaches_cls_to_retrieve_its_caption(tmp_path):
     lm = module.model.model.language_model.state_dict()
     assert all(torch.equal(frozen[k], lm[k]) for k in frozen), "only the tower (and the text side) may train"
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def _changed(before: dict, module) -> set[str]:
+    after = module.model.state_dict()
+    return {k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+
+
+def _run_stage(tmp_path, stage: str):
+    from learned_prune.run import build
+
+    cfg = compose_train(tmp_path, [f"module={stage}", *TINY, "data.batch_size=4", "data.train_size=8", "data.val_size=4",
+                                   "trainer.max_steps=3", "trainer.val_check_interval=3", "module.warmup_steps=1"])
+    parts = build(cfg)
+    module = parts["module"]
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    parts["trainer"].fit(module, datamodule=parts["datamodule"])
+    assert "val/next_token_acc" in parts["trainer"].callback_metrics
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    return _changed(before, module)
+
+
+def test_the_text_stage_trains_the_llm_alone(tmp_path):
+    assert _run_stage(tmp_path, "text_pretrain") == {"language_model", "lm_head"}
+
+
+def test_the_align_stage_trains_the_projector_alone(tmp_path):
+    assert _run_stage(tmp_path, "align") == {"multi_modal_projector"}
+
+
+def test_the_text_stage_sees_descriptions_questions_and_answers_with_labels_on_every_token():
+    from learned_prune.testbed import ShapesVQADataset, testbed_llava
+    from learned_prune.testbed.lm_stages import SceneText
+
+    _, processor = testbed_llava("llava", text_layers=1, vision_layers=1)
+    items = [ShapesVQADataset("val", size=2)[i] for i in range(2)]
+    batch = SceneText(processor)(items)
+    tok = processor.tokenizer
+    first = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert first.startswith(describe(items[0]["objects"])) and items[0]["question"] in first
+    assert first.endswith(f"{items[0]['answer']} {tok.eos_token}") or first.endswith(f"{items[0]['answer']}{tok.eos_token}")
+    assert torch.equal(batch["labels"] != -100, batch["attention_mask"].bool())
+    assert tok.unk_token_id not in batch["input_ids"][batch["attention_mask"].bool()]

@@ -1,6 +1,8 @@
 """The embedded testbed: ShapesVQA scenes and questions, its data module, its vocabulary and the
 recipe that trains the tiny backbone shipped in ``checkpoints/tiny-llava-shapes`` (``module=backbone``;
-``module=contrastive`` is the CLIP-style tower stage of the recipe being built for issue #19).
+and the stages of the recipe being built for issue #19, after how LLaVA-style models are made:
+``module=contrastive`` (CLIP-style tower), ``module=text_pretrain`` (the LLM on text), ``module=align``
+(the projector, LLaVA stage 1), then ``module=backbone`` (instruction tuning)).
 
 Everything specific to the synthetic testbed lives here, above the rest of the package: the engine,
 pruners, modules and evaluation know nothing of it.

@@ -13,19 +13,17 @@ tower (``save_pretrained``), the input of the next stage of the recipe.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..modules.lr_schedule import schedule_length, warmup_cosine
 from .datamodule import ShapesVQADataModule
+from .stage import StageModule
 
 
 def describe(objects: list[dict[str, Any]]) -> str:
@@ -85,7 +83,7 @@ class CaptionEncoder(nn.Module):
         return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-class ContrastiveTowerModule(pl.LightningModule):
+class ContrastiveTowerModule(StageModule):
     """Train a LLaVA's vision tower contrastively against generated captions (CLIP's loss)."""
 
     def __init__(
@@ -102,25 +100,21 @@ class ContrastiveTowerModule(pl.LightningModule):
         temperature: float = 0.07,
         export_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.save_hyperparameters(ignore=["model", "processor"])
-        model.requires_grad_(False)
-        self.tower.requires_grad_(True)
+        self.freeze_all_but_trained()
         self.text = CaptionEncoder(model.config.text_config.vocab_size, text_width, text_layers)
         self.image_proj = nn.Linear(model.config.vision_config.hidden_size, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         self.val_retrieval = MeanMetric()
 
-    def on_fit_start(self) -> None:
-        self.model.eval()  # backbones are built in eval mode; only the tower trains here
-        self.tower.train()
-
     @property
     def tower(self) -> nn.Module:
         return self.model.model.vision_tower
+
+    def trained(self) -> list[nn.Module]:
+        return [self.tower]
 
     def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image ([CLS]) and caption embeddings, (B, embed_dim) each."""
@@ -147,24 +141,6 @@ class ContrastiveTowerModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/retrieval", self.val_retrieval.compute(), prog_bar=True, sync_dist=True)
         self.val_retrieval.reset()
-
-    def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = schedule_length(self.hparams.max_steps, self.trainer)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup_cosine(opt, total, self.hparams.warmup_steps),
-                                                   "interval": "step"}}
-
-    def export(self, directory: str | Path) -> Path:
-        """The whole HF LLaVA with the trained tower, and its processor (``save_pretrained``)."""
-        directory = Path(directory)
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        if self.processor is not None:
-            self.processor.save_pretrained(directory)
-        return directory
 
 
 def retrieval_accuracy(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:

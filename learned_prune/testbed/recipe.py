@@ -29,10 +29,8 @@ All probes are training-only; the exported model is a plain HF LLaVA (``save_pre
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,11 +39,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..engine.attention import attention_rows
 from ..evaluation.vqa import AnswerAccuracy, greedy_answers
 from ..modules.lr_schedule import schedule_length, warmup_cosine_factor
+from .stage import StageModule
 from .scenes import QUESTION_TYPES, RELATIONS
 from .training_aids import N_COLORS, N_SHAPES, N_SIZES, attribute_loss, jittered_positions, sincos_position_init
 
 
-class BackboneModule(pl.LightningModule):
+class BackboneModule(StageModule):
     """Trains every parameter of an HF LLaVA (vision tower, projector, LLM) on a VQA data module."""
 
     def __init__(
@@ -69,9 +68,7 @@ class BackboneModule(pl.LightningModule):
         position_jitter: int = 0,
         export_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self.save_hyperparameters(ignore=["model", "processor"])
         vdim = model.config.vision_config.hidden_size
         tdim = model.config.text_config.hidden_size
@@ -93,8 +90,8 @@ class BackboneModule(pl.LightningModule):
         if stage == "fit" and self._trainer is not None:
             check_ddp_allows_the_tower_stage(self.trainer.strategy, self.hparams.tower_steps)
 
-    def on_fit_start(self) -> None:
-        self.model.train()  # backbones are built in eval mode; here every part is trained
+    def trained(self) -> list[nn.Module]:
+        return [self.model]  # every part: tower, projector, LLM
 
     # ---- steps -----------------------------------------------------------------------------
     def _positions(self, batch: dict) -> torch.Tensor | None:
@@ -260,16 +257,6 @@ class BackboneModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- export --------------------------------------------------------------------------
-    def export(self, directory: str | Path) -> Path:
-        """Write the trained model, tokenizer and image processor with ``save_pretrained``."""
-        directory = Path(directory)
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        if self.processor is not None:
-            self.processor.save_pretrained(directory)
-        return directory
 
 
 def check_ddp_allows_the_tower_stage(strategy: Any, tower_steps: int) -> None:
