@@ -31,7 +31,8 @@ def test_vqa_accuracy_by_hand():
     assert vqa_accuracy("3", golds) == pytest.approx(1.0)  # 7 or 8 matches in every subset
     assert vqa_accuracy("four", golds) == 0.0
     assert vqa_normalize("The Dog's  bowl!") == "dog's bowl"
-    assert vqa_normalize("1,000 dollars") == "1000 dollars"  # commas between digits go and vqa_normalize("dont") == "don't"
+    assert vqa_normalize("1,000 dollars") == "1000 dollars"  # commas between digits go
+    assert vqa_normalize("dont") == "don't"  # contractions written without the apostrophe get it back
 
 
 def test_gqa_and_scienceqa_rules():
