@@ -16,6 +16,14 @@ from test_atp import TINY
 BAVIT = [o if not o.startswith("module=") else "module=bavit" for o in TINY]
 
 
+@torch.no_grad()
+def _foreground_prob(model, head: BAViTHead, batch: dict) -> torch.Tensor:
+    """The head's foreground probability of every patch, (B, P), from the tower's patch embeddings by hand."""
+    tower = model.model.vision_tower
+    emb = tower.pre_layrnorm(tower.embeddings(batch["pixel_values"]))[:, 1:]
+    return head.logits(emb).softmax(-1)[..., 1]
+
+
 def test_bavit_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     parts = fit_frozen(tmp_path, [*BAVIT, "trainer.max_steps=3", "test=false"], "bavit-head")
     module, trainer = parts["module"], parts["trainer"]
@@ -24,8 +32,8 @@ def test_bavit_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     fresh, batch = fresh_tiny_backbone()
     with torch.no_grad(), head(fresh) as engine:
         fresh(**batch)
-    kept = engine.kept_tokens["vision"]
-    assert ((kept >= 1) & (kept <= 144)).all()
+    want = (_foreground_prob(fresh, head, batch) > head.threshold).sum(1).clamp(min=head.min_keep)
+    assert engine.kept_tokens["vision"].tolist() == want.tolist()  # what the exported classifier says, by hand
     with torch.no_grad(), load_pruner(str(tmp_path / "bavit-head"), keep=16)(fresh) as engine:
         fresh(**batch)
     assert engine.kept_tokens["vision"].tolist() == [16, 16, 16]
@@ -42,9 +50,7 @@ def test_bavit_keeps_what_it_classifies_as_foreground():
     torch.manual_seed(0)
     with torch.no_grad():
         head.classify.bias.copy_(torch.tensor([0.0, 0.0]))
-        tower = model.model.vision_tower
-        emb = tower.pre_layrnorm(tower.embeddings(batch["pixel_values"]))[:, 1:]
-        p = head.logits(emb).softmax(-1)[..., 1]
+        p = _foreground_prob(model, head, batch)
         with head(model) as engine:
             model(**batch)
     want = (p > 0.5).sum(1).clamp(min=1)
@@ -85,3 +91,22 @@ def test_bavit_keeps_original_positions_and_equals_hf_on_the_kept_rows():
     with repacked(model):
         out_repacked = model(**one).logits
     assert not torch.allclose(out, out_repacked, atol=1e-3)  # positions matter: the default is not re-packing
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step called without a Trainer
+@pytest.mark.parametrize("label", [1, 0])
+def test_token_objective_moves_the_foreground_probability_towards_the_labels(label):
+    """Label 1 is foreground for the loss as for inference: a step on all-foreground masks raises every
+    patch's foreground probability, a step on all-background masks lowers it."""
+    from learned_prune.modules.bavit import BAViTModule
+
+    model, processor = testbed_llava("llava", seed=0)
+    module = BAViTModule(model, processor, margin=0)
+    module.log = lambda *args, **kwargs: None
+    batch = make_batch(processor, 2)
+    before = _foreground_prob(model, module.head, batch)
+    mask = torch.full(before.shape, bool(label))
+    module.training_step({"pixel_values": batch["pixel_values"], "patch_mask": mask}, 0).backward()
+    torch.optim.SGD(module.head.parameters(), lr=0.05).step()
+    after = _foreground_prob(model, module.head, batch)
+    assert ((after > before) if label else (after < before)).all()
