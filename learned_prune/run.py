@@ -88,11 +88,13 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate backbone, data, module, callbacks, logger and trainer from a composed config."""
     quiet_lightning()
+    target = cfg.data.get("_target_") if cfg.get("data") else None
+    refusal = getattr(hydra.utils.get_class(target), "EVALUATION_ONLY", None) if target else None
+    if cfg.get("train", True) and refusal:  # before anything loads: e.g. data=vqa, which has no training split
+        raise ValueError(refusal)
     pl.seed_everything(cfg.seed, workers=True)
     model, processor = hydra.utils.instantiate(cfg.backbone)
     datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
-    if cfg.get("train", True) and getattr(datamodule, "EVALUATION_ONLY", None):
-        raise ValueError(datamodule.EVALUATION_ONLY)
     module = hydra.utils.instantiate(cfg.module, model=model, processor=processor)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     logger_cfg = cfg.get("logger")

@@ -61,6 +61,20 @@ def test_lora_trains_exports_and_applies_on_load(tmp_path):
     assert not lora_layers(fresh), "the adapter stayed on the model after the with block"
     assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())
 
+    # peft itself loads the exported adapter (peft's adapter_config.json keys and weight names) and gives
+    # the outputs of our own application of it, adapters on the language model only
+    from peft import PeftModel
+
+    from learned_prune.pruners.lora import load_adapter
+
+    add_lora(fresh, *load_adapter(export))
+    peft_model = PeftModel.from_pretrained(_backbone()[0], str(export)).eval()
+    assert {n.split("base_model.model.")[1].rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters()
+            if "lora_A" in n} == {"model.language_model." + n for n, _ in lora_layers(fresh.model.language_model)}
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, fresh(**batch).logits)
+        assert not torch.allclose(peft_model(**batch).logits, _backbone()[0](**batch).logits)
+
 
 def test_lora_rejects_unknown_target_modules():
     model, _ = _backbone()

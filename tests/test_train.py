@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from learned_prune.run import train
@@ -218,3 +220,44 @@ def test_train_returns_the_optimized_metric_and_fails_loudly_when_it_was_not_log
         train(_cfg(tmp_path, "trainer.max_steps=1", "optimized_metric=val/no_such_metric",
                    "callbacks.model_checkpoint.monitor=train/loss"))
     assert "train/loss" in json.loads((tmp_path / "summary.json").read_text())["metrics"]  # the run's record is kept
+
+
+def _best(folder) -> dict:
+    """The ModelCheckpoint state saved in a run's last.ckpt."""
+    state = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return next(v for k, v in state["callbacks"].items() if k.startswith("BestCheckpoint") or "ModelCheckpoint" in k)
+
+
+def test_a_run_resumed_into_another_folder_validates_before_it_ends_and_keeps_its_best_checkpoint(tmp_path):
+    import csv
+    import json
+
+    first, resumed = tmp_path / "a", tmp_path / "b"
+    train(_cfg(first, "trainer.max_steps=4"))  # validates at steps 2 and 4 (every 2 steps)
+    before = _best(first)
+    value = train(_cfg(resumed, "trainer.max_steps=5", f"ckpt_path={first}/checkpoints/last.ckpt"))
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert value is not None and value == summary["metrics"]["val/acc"]  # not None, not an error: it validated
+    rows = list(csv.DictReader(open(resumed / "csv" / "version_0" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("val/acc")] == [5]  # at its last step, between two intervals
+    after = _best(resumed)
+    if value > float(before["best_model_score"]):  # better: the resumed run's own checkpoint is the best
+        assert Path(after["best_model_path"]).parent == resumed / "checkpoints"
+    else:  # not better: the first folder's best stays the best (Lightning's own forgot it in a new folder)
+        assert after["best_model_path"] == before["best_model_path"] == summary["best_checkpoint"]
+        assert float(after["best_model_score"]) == float(before["best_model_score"])
+    assert Path(before["best_model_path"]).is_file()  # nothing outside the new run's folder is deleted
+
+
+def test_the_best_checkpoint_record_skips_files_that_are_gone(tmp_path):
+    from learned_prune.modules.callbacks import BestCheckpoint
+
+    (tmp_path / "old").mkdir()
+    kept = tmp_path / "old" / "step_2.ckpt"
+    kept.write_bytes(b"")
+    callback = BestCheckpoint(dirpath=str(tmp_path / "new"), monitor="val/acc", mode="max", save_top_k=1)
+    callback.load_state_dict({"dirpath": str(tmp_path / "old"), "best_model_path": str(tmp_path / "old" / "gone.ckpt"),
+                              "best_model_score": torch.tensor(0.9), "best_k_models": {
+                                  str(tmp_path / "old" / "gone.ckpt"): torch.tensor(0.9), str(kept): torch.tensor(0.5)}})
+    assert callback.best_model_path == str(kept) and float(callback.best_model_score) == 0.5
+    assert callback.kth_best_model_path == str(kept)

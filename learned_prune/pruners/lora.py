@@ -98,12 +98,14 @@ def add_lora(model: nn.Module, settings: LoraSettings, state: dict[str, torch.Te
 
 
 def remove_lora(model: nn.Module) -> None:
-    """Put every wrapped linear layer back (the base ``nn.Linear``, its weights unchanged)."""
+    """Put every wrapped linear layer back (the base ``nn.Linear``, its weights unchanged) and drop the
+    ``peft_config`` peft set on the language model (else a later injection warns of "multiple adapters")."""
     lm = language_model(model)
     for name, layer in lora_layers(lm):
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, layer.get_base_layer())
+    lm.__dict__.pop("peft_config", None)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
