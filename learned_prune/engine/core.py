@@ -36,7 +36,14 @@ class Engine:
     ``mode="hard"`` removes tokens (inference); ``mode="soft"`` keeps them and masks keys with
     log keep-probabilities (training). After a prefill, ``kept_tokens`` maps each site to the
     per-sample count of visual tokens it let through, ``output_index`` (B, L') maps rows of the
-    output back to input positions and ``output_valid`` (B, L') marks real (non-padding) rows.
+    output back to input positions and ``output_valid`` (B, L') marks real (non-padding) rows; the
+    hidden states and attentions a forward returns (``output_hidden_states`` / ``output_attentions``)
+    hold the same rows (:mod:`.outputs`).
+
+    Several pruners at one site act in the order given, each on the visual tokens the previous one
+    left (soft mode: keep-probabilities multiply); a ratio ``keep`` still refers to the original
+    count, and ``kept_tokens[site]`` is the count after the last of them. One pruner object may
+    appear only once (a learned head keeps the state of its last forward).
     """
 
     def __init__(self, model: nn.Module, pruners: list[Any], mode: str = "hard", soft_eps: float = 1e-6) -> None:
@@ -52,6 +59,12 @@ class Engine:
                 raise TypeError(f"{type(p).__name__} is not a pruner: derive it from learned_prune.pruners.base.PrunerBase "
                                 "(sites/prepare/select, with no-op defaults for the rest)")
         protocol: list[PrunerProtocol] = list(self.pruners)
+        if len({id(p) for p in protocol}) != len(protocol):
+            raise ValueError(
+                "the same pruner object is listed twice: a pruner (a learned head in particular) keeps the state of "
+                "its last forward, so two places cannot share it. Build a second one (load_pruner(...) again, or "
+                "copy.deepcopy(pruner)) to apply the same method twice."
+            )
         for p in protocol:
             p.prepare(self.adapter)
         self._protocol = protocol

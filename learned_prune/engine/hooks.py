@@ -1,12 +1,14 @@
 """Installing the engine on one model instance, and removing every trace of it again.
 
 Entering installs, on this model instance only: (1) hooks on the outer model that take the labels
-out of the call and compute the loss on the (possibly shorter) logits, (2) a pre-hook on the inner
-LLaVA model that records ``input_ids``, (3) a wrapper of ``get_image_features`` that keeps the
-vision tower's hidden states and checks the image-token count, (4) the engine's decoder loop as the
-language model's ``forward``, (5) ``k_proj`` hooks on the layers just before LLM sites and (6)
-branch hooks on the layers observers watch. Leaving removes all of it, also after an exception.
-Nothing is patched on any class.
+(``labels`` / ``shift_labels``) out of the call and compute the loss on the (possibly shorter)
+logits, (2) a pre-hook on the inner LLaVA model that records which input rows are image
+placeholders (:mod:`.inputs`), (3) a wrapper of ``get_image_features`` that keeps the vision
+tower's hidden states and checks the image-token count, (4) the engine's decoder loop as the
+language model's ``forward``, (5) ``k_proj`` hooks on the layers just before LLM sites, (6) branch
+hooks on the layers observers watch and (7) a refusal of continuous batching in place of
+``init_continuous_batching``. Leaving removes all of it, also after an exception. Nothing is
+patched on any class.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .cache import refuse_continuous_batching
+from .inputs import follow_expansion, generated_image_tokens, visual_rows
 from .loop import lm_forward
+from .outputs import causal_lm_loss
 from .vision import VisionCapture
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,13 +36,33 @@ class Capture:
     """What the hooks record during a forward pass, for the decoder loop and the signals."""
 
     input_ids: torch.Tensor | None = None
+    visual: torch.Tensor | None = None  # (B, L) image placeholders of this call; None when unknown
+    generated: torch.Tensor | None = None  # (B, L) <image> ids generated after the prompt (use_cache=False)
+    prompt: torch.Tensor | None = None  # ids of the last prompt whose placeholders matched its images
     labels: torch.Tensor | None = None
+    shift_labels: torch.Tensor | None = None
     vision: VisionCapture | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its k_proj output
     branches: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def consumed(self) -> None:
+        """Forget what one language-model call read (the ids and the rows found from them)."""
+        self.input_ids = self.visual = self.generated = None
+
+    def answer_mask(self) -> torch.Tensor | None:
+        """(B, L) bool: the teacher-forced answer tokens (labels other than -100), from ``shift_labels`` when
+        given (as HF's loss prefers them), else from ``labels``."""
+        if self.labels is None:
+            return None
+        if self.shift_labels is None:
+            return self.labels != -100
+        answer = torch.zeros_like(self.shift_labels, dtype=torch.bool)  # shift_labels[t] labels token t + 1
+        answer[:, 1:] = self.shift_labels[:, :-1] != -100
+        return answer
+
     def clear(self) -> None:
-        self.input_ids = self.labels = self.vision = None
+        self.consumed()
+        self.prompt = self.labels = self.shift_labels = self.vision = None
         self.keys.clear()
         self.branches.clear()
 
@@ -64,6 +89,7 @@ class Hooks:
             self.handles.append(a.inner.register_forward_pre_hook(self._pre_inner, with_kwargs=True))
             a.inner.get_image_features = self._wrap_image_features(a.inner.get_image_features)
             a.lm.forward = functools.partial(lm_forward, e)  # the decoder loop with sites
+            a.model.init_continuous_batching = refuse_continuous_batching
             for k in e.sites:
                 if k >= 1:
                     kp = a.lm.layers[k - 1].self_attn.k_proj
@@ -84,38 +110,65 @@ class Hooks:
         a = self.engine.adapter
         a.inner.__dict__.pop("get_image_features", None)
         a.lm.__dict__.pop("forward", None)
+        a.model.__dict__.pop("init_continuous_batching", None)
         self.capture.clear()
 
     # ---- the hooks -----------------------------------------------------------------------
     def _pre_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # Labels are applied by the engine: in hard mode the logits are shorter than the input.
         self.capture.labels = kwargs.pop("labels", None)
+        self.capture.shift_labels = kwargs.pop("shift_labels", None)
         return args, kwargs
 
     def _post_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        labels, self.capture.labels = self.capture.labels, None
-        if labels is None or not hasattr(output, "logits"):
+        c = self.capture
+        labels, shift, c.labels, c.shift_labels = c.labels, c.shift_labels, None, None
+        if labels is None or not hasattr(output, "logits"):  # HF computes a loss only when labels are given
             return output
-        index = self.engine.output_index
-        if index is not None and index.shape[1] != labels.shape[1]:
-            labels = torch.gather(labels, 1, index.to(labels.device))
-        logits = output.logits.float()
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-        output.loss = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        e = self.engine
+        filler = None  # output slots that only left-pad a pruned sample (they hold a dropped row)
+        if e.output_index is not None and e.output_valid is not None:
+            mask = kwargs.get("attention_mask")
+            given = torch.ones_like(e.output_index, dtype=torch.bool) if mask is None \
+                else torch.gather(mask.bool().to(e.output_index.device), 1, e.output_index)
+            filler = given & ~e.output_valid
+        output.loss = causal_lm_loss(output.logits, output.logits.shape[-1], labels, shift, e.output_index, filler,
+                                     kwargs.get("num_items_in_batch"))
         return output
 
-    def _pre_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        c, a = self.capture, self.engine.adapter
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.capture.input_ids = ids
+        embeds = kwargs.get("inputs_embeds")
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pixels = kwargs.get("pixel_values")
+        images = encoded is not None or (pixels is not None and pixels.numel() > 0)
+        c.input_ids, c.generated = ids, None
+        c.visual = visual_rows(a.image_token_id, a.lm.embed_tokens, ids, embeds, images)
         if encoded is None:
-            self.capture.vision = None  # get_image_features runs inside this forward (or there is no image)
-        elif self.capture.vision is not None and ids is not None:
-            self._check_image_tokens(ids, self.capture.vision.n_features)  # generate() encoded images beforehand
+            c.vision = None  # get_image_features runs inside this forward (or there is no image)
+            return None
+        if c.vision is None or c.visual is None:
+            return None
+        c.vision = follow_expansion(c.vision, encoded.pooler_output)  # beam search repeats the images
+        n_feats = c.vision.n_features
+        if int(c.visual.sum()) > n_feats:  # use_cache=False re-reads generated tokens: an <image> id is text
+            c.generated = generated_image_tokens(c.visual, ids, c.prompt, n_feats)
+        if c.generated is None:
+            self._check_image_tokens(c.visual, n_feats)
+            c.prompt = ids
+            return None
+        c.visual = c.visual & ~c.generated
+        filler = 0 if a.image_token_id != 0 else 1  # embedded as the <image> token again by the decoder loop
+        ids = ids.masked_fill(c.generated, filler)
+        if "input_ids" in kwargs:
+            kwargs["input_ids"] = ids
+        else:
+            args = (ids, *args[1:])
+        return args, kwargs
 
-    def _check_image_tokens(self, ids: torch.Tensor, n_feats: int) -> None:
-        n_tokens = int((ids == self.engine.adapter.image_token_id).sum())
+    def _check_image_tokens(self, visual: torch.Tensor, n_feats: int) -> None:
+        n_tokens = int(visual.sum())
         if n_tokens != n_feats:
             raise ValueError(
                 f"image-token count mismatch: the prompts hold {n_tokens} <image> placeholder tokens but the "
@@ -136,13 +189,16 @@ class Hooks:
             out = original(*args, **kwargs)
             feats = out.pooler_output
             n_feats = sum(int(f.shape[0]) if f.dim() == 2 else int(f.shape[0] * f.shape[1]) for f in feats)
-            if self.capture.input_ids is not None:
-                self._check_image_tokens(self.capture.input_ids, n_feats)
+            if self.capture.visual is not None:
+                self._check_image_tokens(self.capture.visual, n_feats)
+            sizes = signature.bind_partial(*args, **kwargs).arguments.get("image_sizes")
             self.capture.vision = VisionCapture(
                 n_features=n_feats,
                 hidden_states=out.hidden_states if wants_vision else None,
                 n_tiles=out.hidden_states[0].shape[0] if wants_vision else 0,
-                image_sizes=signature.bind_partial(*args, **kwargs).arguments.get("image_sizes"),
+                image_sizes=sizes,
+                features=list(feats),
+                tiles=self.engine.adapter.tiles_per_image(sizes) if self.engine.adapter.is_next else [1] * len(feats),
             )
             return out
 

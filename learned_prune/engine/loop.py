@@ -4,27 +4,38 @@ It is ``LlamaModel.forward`` with sites: before decoder layer K (``llm:K``; ``vi
 layer 0 on the projected image tokens) each pruner's :class:`~.selection.Selection` is applied
 (:mod:`.apply`); later layers get matching RoPE tables and masks. In hard mode layers between two
 prunes hold one key layout in their caches (:class:`KeyLayout`); decoding steps extend each layout
-with the new token at its own positions.
+with the new token at its own positions. Hidden states and attentions, when asked for, are
+recorded on the way (:mod:`.outputs`); the cache a prefill filled follows the engine (:mod:`.cache`).
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .apply import hard_gather, key_logmask, soft_mask
+from .cache import adopt, check_cache
 from .masks import build_mask, mask_kind
+from .outputs import Recorder
 from .selection import LayerTrace, Selection
 from .state import PruneState
 from .tokens import TokenSequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Engine
+
+UNKNOWN_VISUAL = (
+    "the pruning engine cannot tell which rows of inputs_embeds are image tokens: without input_ids they are "
+    "found, as HF finds them, only when the images come with the call (rows equal to the <image> token's embedding, "
+    "filled from pixel_values). Pass input_ids (with the processor's <image> placeholders) and pixel_values, or "
+    "inputs_embeds = model.get_input_embeddings()(input_ids) together with pixel_values; embeddings that already "
+    "hold the image features cannot be pruned."
+)
 
 
 @dataclass
@@ -35,6 +46,19 @@ class KeyLayout:
     logmask: torch.Tensor | None
     offset: torch.Tensor  # (B,) how far positions were shifted down by re-packing
     next_pos: torch.Tensor  # (B,) position of the next decoded token
+    rows: torch.Tensor  # (B, L') which of the prompt keys are the prefill's output rows
+    n_prompt: int  # keys the prefill left in these layers' caches
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch operation (beam reordering, selection, repetition) to every per-sample tensor."""
+        self.valid, self.offset, self.next_pos, self.rows = fn(self.valid), fn(self.offset), fn(self.next_pos), fn(self.rows)
+        self.logmask = None if self.logmask is None else fn(self.logmask)
+
+    def drop_last(self, n: int) -> None:
+        """Forget the last ``n`` keys (decoded tokens a cache crop removed)."""
+        self.valid = self.valid[:, : self.valid.shape[1] - n]
+        self.logmask = None if self.logmask is None else self.logmask[:, : self.logmask.shape[1] - n]
+        self.next_pos = self.next_pos - n
 
 
 @dataclass
@@ -59,8 +83,8 @@ def lm_forward(
     """The language model's ``forward`` while the engine is installed: a prefill runs the sites, a decoding step
     continues on the key layouts the prefill left."""
     lm = engine.adapter.lm
-    for k in ("output_attentions", "output_hidden_states", "return_dict"):
-        kwargs.pop(k, None)
+    check_cache(past_key_values)
+    recorder = Recorder.asked(kwargs, lm.config, mask_kind(lm.config._attn_implementation, engine.mode))
     if inputs_embeds is None:
         inputs_embeds = lm.embed_tokens(input_ids)
     if use_cache is None:
@@ -77,50 +101,67 @@ def lm_forward(
     )
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     step = prefill if past == 0 else decode
-    hidden = step(engine, inputs_embeds, new_valid, position_ids, past_key_values, use_cache, kwargs)
-    engine.capture.input_ids = None  # consumed: a later generate() pre-encoding must not see stale ids
-    return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden),
-                                   past_key_values=past_key_values if use_cache else None)
+    with recorder.attention_hooks(lm.layers):
+        hidden, record = step(engine, inputs_embeds, new_valid, position_ids, past_key_values, use_cache, kwargs,
+                              recorder)
+    engine.capture.consumed()  # a later generate() pre-encoding must not see this call's ids
+    last = lm.norm(hidden)
+    states, attentions = recorder.result(record, last, prefill=step is prefill)
+    return BaseModelOutputWithPast(last_hidden_state=last, past_key_values=past_key_values if use_cache else None,
+                                   hidden_states=states, attentions=attentions)
 
 
-def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs) -> torch.Tensor:
+def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs,
+            recorder: Recorder) -> tuple[torch.Tensor, CacheLayout]:
     """Run every decoder layer on the prompt, applying the sites; record the key layouts for decoding."""
     lm, capture = engine.adapter.lm, engine.capture
     B, q = embeds.shape[:2]
     device = embeds.device
     pos = torch.arange(q, device=device)[None].expand(B, q) if position_ids is None \
         else position_ids.to(device).expand(B, q)
-    ids = capture.input_ids
-    if ids is not None and ids.shape == (B, q):
-        visual = ids.to(device) == engine.adapter.image_token_id
-    else:
+    visual = capture.visual
+    if visual is None or visual.shape != (B, q):
+        if engine.sites:
+            raise ValueError(UNKNOWN_VISUAL)
         visual = torch.zeros(B, q, dtype=torch.bool, device=device)
+    visual = visual.to(device)
+    if capture.generated is not None:  # <image> ids generated after the prompt (use_cache=False): text, as cached
+        token = lm.embed_tokens(torch.full((), engine.adapter.image_token_id, device=device))
+        embeds = torch.where(capture.generated.to(device)[..., None], token.to(embeds.dtype), embeds)
     rank = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(pos, -1))
     seq = TokenSequence(hidden=embeds, pos=pos, valid=valid, visual_rank=rank, n_visual_original=visual.sum(1))
-    if capture.labels is not None and capture.labels.shape == (B, q):  # teacher-forced: mark the answer
-        seq.extras["answer"] = capture.labels.to(device) != -100
+    answer = capture.answer_mask()
+    if answer is not None and answer.shape == (B, q):  # teacher-forced: mark the answer
+        seq.extras["answer"] = answer.to(device)
     engine.kept_tokens = {}
     engine.output_index = torch.arange(q, device=device)[None].expand(B, q)
     zeros = torch.zeros(B, dtype=torch.long, device=device)
-    layout = KeyLayout(valid=seq.valid, logmask=None, offset=zeros, next_pos=zeros)
+    layout = KeyLayout(valid=seq.valid, logmask=None, offset=zeros, next_pos=zeros, rows=engine.output_index,
+                       n_prompt=q)
     record = CacheLayout(cache=weakref.ref(cache) if cache is not None else None, layouts=[layout])
     rope = lm.rotary_emb(embeds, seq.pos)
     kind = mask_kind(lm.config._attn_implementation, engine.mode)  # the mask this attention takes
     mask = build_mask(seq.valid, None, q, embeds.dtype, kind)
     capture.keys.clear()
     capture.branches.clear()
+    recorder.add_hidden(embeds, 0)
     for i, layer in enumerate(lm.layers):
         if i in engine.sites and bool(seq.is_visual.any()):
-            seq, offset = run_sites(engine, i, seq, layout.offset)
+            seq, offset, index = run_sites(engine, i, seq, layout.offset)
+            for g in record.layouts:  # each earlier layout's rows that are still in the sequence
+                g.rows = torch.gather(g.rows, 1, index)
             logmask = key_logmask(seq, engine.soft_eps)
-            layout = KeyLayout(valid=seq.valid, logmask=logmask, offset=offset, next_pos=zeros)
+            L = seq.hidden.shape[1]
+            layout = KeyLayout(valid=seq.valid, logmask=logmask, offset=offset, next_pos=zeros,
+                               rows=torch.arange(L, device=device)[None].expand(B, L), n_prompt=L)
             record.layouts.append(layout)
             rope = lm.rotary_emb(seq.hidden, seq.pos)
-            mask = build_mask(seq.valid, logmask, seq.hidden.shape[1], seq.hidden.dtype, kind)
+            mask = build_mask(seq.valid, logmask, L, seq.hidden.dtype, kind)
         record.layer_layout.append(len(record.layouts) - 1)
         seq.prev_input = seq.hidden
         seq.hidden = layer(seq.hidden, attention_mask=mask, position_ids=seq.pos, past_key_values=cache,
                            use_cache=use_cache, position_embeddings=rope, **kwargs)
+        recorder.add_hidden(seq.hidden, len(record.layouts) - 1)
         seq.prev_keys = capture.keys.pop(i, None)
         if i in engine.observers:  # each branch's normed input and output, and the residual stream
             attn_in, attn_out = capture.branches.pop((i, "self_attn"))
@@ -134,12 +175,15 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
     for g in record.layouts:
         g.next_pos = last_pos + (layout.offset - g.offset)
     engine.cache_layout = record if use_cache else None
+    if use_cache and cache is not None:
+        adopt(cache, engine, pruned=len(record.layouts) > 1)
     capture.keys.clear()
     engine.output_valid = seq.valid
-    return seq.hidden
+    return seq.hidden, record
 
 
-def decode(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs) -> torch.Tensor:
+def decode(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs,
+           recorder: Recorder) -> tuple[torch.Tensor, CacheLayout]:
     """One decoding step (or several tokens) on the cache a prefill under this engine filled."""
     lm = engine.adapter.lm
     record = engine.cache_layout
@@ -161,11 +205,13 @@ def decode(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwar
             g.logmask = torch.cat([g.logmask, torch.zeros_like(valid, dtype=g.logmask.dtype)], 1)
         per_layout.append((pos, lm.rotary_emb(embeds, pos), build_mask(g.valid, g.logmask, q, embeds.dtype, kind)))
     hidden = embeds
+    recorder.add_hidden(hidden, 0)
     for i, layer in enumerate(lm.layers):
         pos, rope, mask = per_layout[record.layer_layout[i]]
         hidden = layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=use_cache, position_embeddings=rope, **kwargs)
-    return hidden
+        recorder.add_hidden(hidden, record.layer_layout[i])
+    return hidden, record
 
 
 def _state(engine: "Engine", site: str, layer: int, seq: TokenSequence) -> PruneState:
@@ -176,8 +222,11 @@ def _state(engine: "Engine", site: str, layer: int, seq: TokenSequence) -> Prune
 
 def run_sites(
     engine: "Engine", layer: int, seq: TokenSequence, offset: torch.Tensor
-) -> tuple[TokenSequence, torch.Tensor]:
-    """Apply every pruner acting before ``layer``, in order; returns the new sequence and position offset (B,)."""
+) -> tuple[TokenSequence, torch.Tensor, torch.Tensor]:
+    """Apply every pruner acting before ``layer``, in order (each on what the previous one left); returns the
+    new sequence, the position offset (B,) and the rows (B, L') of the old sequence the new one holds."""
+    L = seq.hidden.shape[1]
+    rows = torch.arange(L, device=seq.hidden.device)[None].expand(seq.hidden.shape[0], L)
     for pruner, site in engine.sites[layer]:
         state = _state(engine, site, layer, seq)
         vpos, vvalid = state.visual_pos, state.visual_valid
@@ -193,6 +242,7 @@ def run_sites(
         else:
             seq, index, removed = hard_gather(seq, vpos, vvalid, sel, pruner.repacks(site), engine.adapter.project)
             engine.output_index = torch.gather(engine.output_index, 1, index)
+            rows = torch.gather(rows, 1, index)
             offset = offset + removed
             engine.kept_tokens[site] = seq.is_visual.logical_and(seq.valid).sum(1)
-    return seq, offset
+    return seq, offset, rows

@@ -5,7 +5,7 @@ each visual token of the LLM's sequence comes from (tile, patch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,12 +18,15 @@ if TYPE_CHECKING:  # pragma: no cover
 class VisionCapture:
     """What the engine keeps of one call of ``get_image_features``: the number of visual features it
     gave, every hidden state of the tower (None when no pruner acts at the vision site), the number of
-    encoded tiles and the ``image_sizes`` argument (LLaVA-NeXT)."""
+    encoded tiles, the ``image_sizes`` argument (LLaVA-NeXT), and per image its feature tensor (the
+    object ``generate()`` repeats for beam search) and its number of tiles."""
 
     n_features: int
     hidden_states: tuple[torch.Tensor, ...] | None
     n_tiles: int
     image_sizes: Any
+    features: list = field(default_factory=list)
+    tiles: list[int] = field(default_factory=list)
 
 
 def _vision(state: "PruneState") -> VisionCapture:
