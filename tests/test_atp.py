@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from learned_prune import load_pruner
-from learned_prune.testbed import testbed_llava
+from learned_prune.testbed import testbed_llava as tiny_testbed  # not named test*: pytest would collect it
 from learned_prune.run import build, train
 
 from conftest import make_batch
@@ -47,7 +47,7 @@ def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
     config_dims = yaml.safe_load((CONFIGS / "backbone" / "tiny_init.yaml").read_text())
     dims = {k: v for k, v in config_dims.items() if not k.startswith("_") and k != "seed"}
-    default_backbone, _ = testbed_llava(**dims)  # the embedded default's shape
+    default_backbone, _ = tiny_testbed(**dims)  # the embedded default's shape
     from learned_prune.pruners.atp import ATPHead
 
     head = ATPHead(dims["text_hidden"], dims["text_layers"])
@@ -60,7 +60,7 @@ def test_atp_trains_on_a_frozen_backbone_and_exports_a_small_head(tmp_path):
 def test_export_load_round_trip_and_size_check(tmp_path):
     train(_cfg(tmp_path, "trainer.max_steps=2", "test=false"))
     head = load_pruner(str(tmp_path / "atp-head"))
-    model, processor = testbed_llava("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
+    model, processor = tiny_testbed("llava", vision_hidden=32, text_hidden=32, text_layers=8, vision_layers=2,
                                   intermediate_size=64, seed=0)
     batch = make_batch(processor, 3)
     with torch.no_grad(), head(model) as engine:
@@ -69,7 +69,7 @@ def test_export_load_round_trip_and_size_check(tmp_path):
     assert set(engine.kept_tokens) == {f"llm:{k}" for k in head.layers}
     with pytest.raises(ValueError, match="keep"):
         load_pruner(str(tmp_path / "atp-head"), keep=16)
-    other, _ = testbed_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    other, _ = tiny_testbed("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):
             pass
@@ -107,7 +107,7 @@ def _spied_atp(model):
 @torch.no_grad()
 def test_atp_spatial_grid_by_hand():
     """The spatial branch scores 1 exactly on every 4th row AND column (offset 2), wherever the token now stands."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head, seen = _spied_atp(model)
     with head(model):
         model(**make_batch(processor, 3))
@@ -124,7 +124,7 @@ def test_atp_spatial_grid_by_hand():
 def test_atp_hard_decisions_by_hand():
     """Hard mode keeps a token when its redundancy score is ABOVE its threshold or it lies on the grid
     (spatial score above the spatial threshold); the count varies per instance."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head, seen = _spied_atp(model)
     with head(model) as engine:
         model(**make_batch(processor, 3))
@@ -145,7 +145,7 @@ def test_atp_hard_decisions_by_hand():
 @torch.no_grad()
 def test_atp_soft_keep_probability_by_hand():
     """Soft mode: p = max(sigmoid((s_red - t_red) T), sigmoid((s_sp - t_sp) T)): high where the score is above."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head, seen = _spied_atp(model)
     with head(model, mode="soft"):
         model(**make_batch(processor, 3))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learned_prune import load_pruner
-from learned_prune.testbed import testbed_llava
+from learned_prune.testbed import testbed_llava as tiny_testbed  # not named test*: pytest would collect it
 from learned_prune.pruners.bavit import BAViTHead
 
 from conftest import make_batch
@@ -37,14 +37,14 @@ def test_bavit_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     with torch.no_grad(), load_pruner(str(tmp_path / "bavit-head"), keep=16)(fresh) as engine:
         fresh(**batch)
     assert engine.kept_tokens["vision"].tolist() == [16, 16, 16]
-    other, _ = testbed_llava("llava", vision_hidden=64)
+    other, _ = tiny_testbed("llava", vision_hidden=64)
     with pytest.raises(ValueError, match="vision features of size 32"):
         with head(other):
             pass
 
 
 def test_bavit_keeps_what_it_classifies_as_foreground():
-    model, processor = testbed_llava("llava", seed=0)
+    model, processor = tiny_testbed("llava", seed=0)
     head = BAViTHead(model.config.vision_config.hidden_size).eval()
     batch = make_batch(processor, 2)
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def test_label_margin_grows_the_mask_on_the_patch_grid():
 def test_bavit_keeps_original_positions_and_equals_hf_on_the_kept_rows():
     from helpers import record_selections, reference_logits
 
-    model, processor = testbed_llava("llava", seed=0)
+    model, processor = tiny_testbed("llava", seed=0)
     head = BAViTHead(model.config.vision_config.hidden_size, keep=20).eval()
     one = make_batch(processor, 1)
     records = record_selections(head)
@@ -100,7 +100,7 @@ def test_token_objective_moves_the_foreground_probability_towards_the_labels(lab
     patch's foreground probability, a step on all-background masks lowers it."""
     from learned_prune.modules.bavit import BAViTModule
 
-    model, processor = testbed_llava("llava", seed=0)
+    model, processor = tiny_testbed("llava", seed=0)
     module = BAViTModule(model, processor, margin=0)
     module.log = lambda *args, **kwargs: None
     batch = make_batch(processor, 2)

@@ -18,7 +18,7 @@ from learned_prune.modules.lr_schedule import warmup_cosine
 from learned_prune.pruners.atp import ATPHead
 from learned_prune.pruners.base import Pruner
 from learned_prune.pruners.indices import mask_indices
-from learned_prune.testbed import testbed_llava
+from learned_prune.testbed import testbed_llava as tiny_testbed  # not named test*: pytest would collect it
 
 from conftest import PROMPTS, make_images
 from helpers import fit_frozen
@@ -73,7 +73,7 @@ def test_distillation_is_kl_of_the_unpruned_teacher_to_the_pruned_student():
 @pytest.mark.parametrize("target, sign", [(0.05, 1.0), (1.0, -1.0)])
 def test_atp_budget_objective_moves_the_thresholds_the_right_way(target, sign):
     """Above the target kept fraction the budget loss asks for higher thresholds (fewer tokens); below it, lower."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head = ATPHead(model.config.text_config.hidden_size, 8, target=target, layer_cost=0.0)
     with head(model, mode="soft"):
         model(**_teacher_forced(processor))
@@ -121,7 +121,7 @@ def test_export_writes_the_best_checkpoints_weights_not_the_last(tmp_path):
 def test_decoding_without_position_ids_after_a_prune_equals_explicit_positions(family):
     """generate() always passes positions; a hand-written decoding loop does not: the engine must then
     advance each layout's next position itself, exactly as explicit positions would."""
-    model, processor = testbed_llava(family, text_layers=4, seed=0)
+    model, processor = tiny_testbed(family, text_layers=4, seed=0)
     batch = dict(processor(images=make_images(2)[:1] * 2, text=[PROMPTS[0]] * 2, return_tensors="pt"))
     L = batch["input_ids"].shape[1]
     pruner = load_pruner([load_pruner("divprune", keep=40), load_pruner("fastv", keep=16)])  # repacked, then kept
@@ -181,7 +181,7 @@ def test_llava_next_patch_index_and_newlines_by_hand():
     2 x 1, two padding rows each side) in one padded batch; tiles are numbered over the batch."""
     from PIL import Image
 
-    model, processor = testbed_llava("llava_next", text_layers=4, seed=0)
+    model, processor = tiny_testbed("llava_next", text_layers=4, seed=0)
     images = [Image.new("RGB", (160, 96), (200, 30, 30)), Image.new("RGB", (96, 160), (30, 200, 30))]  # (w, h)
     batch = dict(processor(images=images, text=[PROMPTS[0], PROMPTS[1]], return_tensors="pt", padding=True))
     wide = _next_sources(0, 12, 24, (1, 2), range(12), range(2, 22))

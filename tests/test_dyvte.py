@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learned_prune import load_pruner
-from learned_prune.testbed import testbed_llava
+from learned_prune.testbed import testbed_llava as tiny_testbed  # not named test*: pytest would collect it
 from learned_prune.pruners.dyvte import DyVTEHead, VisualExit, router_features
 from learned_prune.run import build
 
@@ -45,7 +45,7 @@ def test_dyvte_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     assert isinstance(head, DyVTEHead)
     module.head.eval()
     torch.testing.assert_close(head.state_dict(), module.head.state_dict())
-    other, _ = testbed_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    other, _ = tiny_testbed("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):
             pass
@@ -83,7 +83,7 @@ def test_labels_exit_only_where_the_answer_survives_without_the_image(tmp_path):
 def test_exit_logits_from_the_full_run_equal_the_engine_run(layer):
     from learned_prune.modules.dyvte import logits_without_visual_from
 
-    model, processor = testbed_llava("llava", seed=0)
+    model, processor = tiny_testbed("llava", seed=0)
     batch = make_batch(processor, 3)  # left-padded: the prompts differ in length
     assert not batch["attention_mask"].bool().all()
     full = model(**batch, output_hidden_states=True, use_cache=False)
@@ -103,7 +103,7 @@ def test_exit_logits_from_the_full_run_equal_the_engine_run(layer):
 
 @torch.no_grad()
 def test_router_features_match_between_training_and_inference():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head = _head(model, None)
     one = {k: v[:1] for k, v in make_batch(processor, 1).items()}
     seen = {}
@@ -133,7 +133,7 @@ def test_router_features_match_between_training_and_inference():
 
 @torch.no_grad()
 def test_first_exit_removes_every_visual_token_for_the_rest_of_the_llm():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     batch = make_batch(processor, 1)
     for exit_at in (3, None):
         head = _head(model, exit_at)
@@ -155,7 +155,7 @@ def test_first_exit_removes_every_visual_token_for_the_rest_of_the_llm():
 
 @torch.no_grad()
 def test_per_sample_exits_in_a_padded_batch_equal_single_runs():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head = DyVTEHead(model.config.text_config.hidden_size, 8, threshold=0.5).eval()
     torch.manual_seed(1)
     for router in head.routers.values():
@@ -178,7 +178,7 @@ def test_per_sample_exits_in_a_padded_batch_equal_single_runs():
 
 
 def test_dyvte_composes_with_fastv():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     batch = make_batch(processor, 2)
     head = _head(model, 5)
     with torch.no_grad(), load_pruner([head, load_pruner("fastv", keep=10)])(model) as engine:
@@ -197,7 +197,7 @@ class _ConstantExit(DyVTEHead):
 
 @torch.no_grad()
 def test_per_layer_thresholds_pick_the_exit_layer_and_round_trip(tmp_path):
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     batch = make_batch(processor, 2)
     tc = model.config.text_config
     for threshold, exit_at in ((0.7, 1), (0.9, 8), ([0.9, 0.9, 0.7, 0.9, 0.9, 0.9, 0.9], 3)):
@@ -220,7 +220,7 @@ def test_a_per_layer_threshold_for_another_depth_fails_with_the_config_node_to_c
 
     from learned_prune.modules import DyVTEModule
 
-    model, processor = testbed_llava("llava", text_layers=4, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=4, seed=0)
     with pytest.raises(ValueError, match=r"module.head: .*one float for every router \(e.g. 0.5\), or one per router "
                                          r"site llm:1..llm:3 \(3 values\), got 7"):
         DyVTEModule(model, processor, head=partial(DyVTEHead, threshold=[0.75] * 7))
@@ -288,7 +288,7 @@ def test_flops_saved_by_hand():
     """An exit at layer e of L saves (L - e) layers' worth of the visual tokens' FLOPs; no exit saves nothing."""
     from learned_prune.modules import DyVTEModule
 
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     module = DyVTEModule(model, processor)
     batch = make_batch(processor, 3)
     batch = {"prompt_input_ids": batch["input_ids"], "prompt_attention_mask": batch["attention_mask"]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learned_prune import load_pruner
-from learned_prune.testbed import testbed_llava
+from learned_prune.testbed import testbed_llava as tiny_testbed  # not named test*: pytest would collect it
 from learned_prune.pruners.lvpruning import LVPruningHead
 
 from conftest import make_batch, positions_from_mask
@@ -46,7 +46,7 @@ def test_lvpruning_trains_on_a_frozen_backbone_and_round_trips(tmp_path):
     with torch.no_grad(), load_pruner(str(tmp_path / "lvp-head"), keep=16)(fresh) as engine:
         fresh(**batch)
     assert engine.kept_tokens["llm:5"].tolist() == [16, 16, 16]
-    other, _ = testbed_llava("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
+    other, _ = tiny_testbed("llava", text_hidden=64, text_layers=8, vision_hidden=32, vision_layers=2)
     with pytest.raises(ValueError, match="hidden size 32.*hidden size 64"):
         with head(other):
             pass
@@ -63,7 +63,7 @@ def test_bad_schedules_fail_early():
 
 @torch.no_grad()
 def test_hard_mode_equals_hf_on_the_kept_subsequence_and_generates():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head = _random_head(model, keep=12)
     batch = make_batch(processor, 2)
     one = {k: v[1:2] for k, v in batch.items()}
@@ -92,7 +92,7 @@ def test_hard_mode_equals_hf_on_the_kept_subsequence_and_generates():
 
 @torch.no_grad()
 def test_padded_batch_equals_single_runs():
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     head = _random_head(model, keep=10)
     batch = make_batch(processor, 3)
     batch["position_ids"] = positions_from_mask(batch["attention_mask"])
@@ -110,7 +110,7 @@ def test_padded_batch_equals_single_runs():
 def test_teacher_forced_answers_do_not_reach_the_pruner(name):
     """In a training pass with labels, pruners read the prompt only: the pruned prompt computes as it
     does at inference, whatever answer follows."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     pruner = _random_head(model, keep=10) if name == "lvpruning" else load_pruner("fastv", keep=10)
     one = {k: v[:1] for k, v in make_batch(processor, 1).items()}
     L = one["input_ids"].shape[1]
@@ -136,7 +136,7 @@ def test_teacher_forced_answers_do_not_reach_the_pruner(name):
 def test_soft_decisions_take_the_keep_channel(training, bias, want):
     """Logit 0 is *keep*: a module sure to keep gives keep-probability 1 (Gumbel in training, argmax otherwise),
     one sure to drop gives 0, as hard mode's top-k of ``keep - drop`` reads them."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     tc = model.config.text_config
     head = LVPruningHead(tc.hidden_size, tc.num_hidden_layers).train(training)
     for module in head.modules_by_site.values():
@@ -154,7 +154,7 @@ def test_soft_decisions_take_the_keep_channel(training, bias, want):
 def test_ratio_loss_lowers_the_keep_logit_when_too_many_are_kept():
     """The budget objective's direction: starting from keep-everything, its gradient pushes every module's keep
     logit down and its drop logit up (gradient descent then keeps fewer)."""
-    model, processor = testbed_llava("llava", text_layers=8, seed=0)
+    model, processor = tiny_testbed("llava", text_layers=8, seed=0)
     tc = model.config.text_config
     head = LVPruningHead(tc.hidden_size, tc.num_hidden_layers).train()
     torch.manual_seed(0)
