@@ -14,7 +14,7 @@ import torch
 
 from learned_prune import PRUNERS as REGISTRY, load_pruner
 from learned_prune.engine import Selection
-from learned_prune.pruners import PrunerBase, topk_selection
+from learned_prune.pruners import Compose, PrunerBase, topk_selection
 
 from conftest import make_batch, positions_from_mask
 from helpers import gather_rows, record_selections, reference_logits
@@ -198,3 +198,29 @@ def test_vision_site_keeps_original_positions_when_asked(name):
     with load_pruner(name, keep=12)(model):
         repacked = model(**one).logits
     assert not torch.allclose(out, repacked, atol=1e-3)
+
+
+class _Spy(PrunerBase):
+    """Keeps the ``k`` visual tokens of largest norm at ``llm:2`` and records how many it was given."""
+
+    def __init__(self, k: int) -> None:
+        self.site, self.k, self.seen = "llm:2", k, []
+
+    def select(self, state):
+        self.seen.append(state.n_visual.tolist())
+        k = torch.full_like(state.n_visual, self.k)
+        return Selection(indices=topk_selection(state.visual_hidden.norm(dim=-1), state.visual_valid, k))
+
+
+@torch.no_grad()
+def test_pruners_at_one_site_act_in_order_and_one_object_cannot_be_listed_twice(tiny):
+    model, processor = tiny
+    batch = make_batch(processor, 2)
+    n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    first, second = _Spy(16), _Spy(8)
+    with Compose([first, second])(model) as engine:
+        model(**batch)
+    assert first.seen == [n_vis] and second.seen == [[16, 16]]  # the second picks among the first's survivors
+    assert engine.kept_tokens["llm:2"].tolist() == [8, 8]
+    with pytest.raises(ValueError, match="listed twice"):
+        Compose([first, first])(model)

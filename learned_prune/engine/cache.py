@@ -51,7 +51,7 @@ def refuse_continuous_batching(*args: Any, **kwargs: Any) -> Any:
 
 
 def _current(cache: Any, ref: "weakref.ref[Engine]") -> Any:
-    """The engine's record of ``cache`` (:class:`~.loop.CacheLayout`) while it is installed and that record is current."""
+    """The engine's record of ``cache`` (:class:`~.loop.CacheLayout`) while it is installed and the record current."""
     engine = ref()
     record = None if engine is None else engine.cache_layout
     if record is None or record.cache is None or record.cache() is not cache:

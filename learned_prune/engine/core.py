@@ -1,9 +1,12 @@
 """The engine as a context manager: an HF LLaVA run with pruning sites for the duration of a ``with`` block.
 
 This file ties the parts together; each has one job: :mod:`.sites` (which pruner acts where),
-:mod:`.hooks` (install / remove), :mod:`.loop` (the decoder loop and its KV-cache bookkeeping),
-:mod:`.apply` (hard gather / soft mask), :mod:`.state` (what a pruner sees), :mod:`.protocol`
-(what the engine calls on a pruner), :mod:`.segment` (decoder layers run on given hidden states).
+:mod:`.hooks` (install / remove), :mod:`.inputs` (which input rows are visual, images repeated by
+generate()), :mod:`.loop` (the decoder loop and its KV-cache bookkeeping), :mod:`.cache` (which
+caches it takes, and a filled cache following the engine), :mod:`.outputs` (hidden states,
+attentions and the loss on the output rows), :mod:`.apply` (hard gather / soft mask), :mod:`.state`
+(what a pruner sees), :mod:`.protocol` (what the engine calls on a pruner), :mod:`.segment`
+(decoder layers run on given hidden states).
 
 Hard mode gathers the kept tokens (they keep their RoPE position ids unless the pruner re-packs
 them; later layers get matching RoPE tables, masks and shorter KV caches); soft mode multiplies

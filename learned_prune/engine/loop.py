@@ -51,7 +51,8 @@ class KeyLayout:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch operation (beam reordering, selection, repetition) to every per-sample tensor."""
-        self.valid, self.offset, self.next_pos, self.rows = fn(self.valid), fn(self.offset), fn(self.next_pos), fn(self.rows)
+        self.valid, self.offset, self.next_pos = fn(self.valid), fn(self.offset), fn(self.next_pos)
+        self.rows = fn(self.rows)
         self.logmask = None if self.logmask is None else fn(self.logmask)
 
     def drop_last(self, n: int) -> None:
