@@ -63,7 +63,7 @@ def test_a_head_whose_weights_hold_nan_or_inf_is_refused_naming_the_file_and_ten
 
 
 @pytest.mark.parametrize("damage,match", [
-    ("model.safetensors", r"model.safetensors: the head weights is not a readable safetensors file"),
+    ("model.safetensors", r"model.safetensors: cannot read the head weights, not a valid safetensors file"),
     ("config.json", r"config.json: the head config is not valid JSON \(.* at line \d+, column \d+\)"),
 ])
 def test_damaged_head_files_name_the_file(tmp_path, damage, match):

@@ -31,8 +31,8 @@ def read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: the {what} is not a readable safetensors file ({e}); restore the file or "
-                         "export the head again") from None
+        raise ValueError(f"{path}: cannot read the {what}, not a valid safetensors file ({e}); restore the file "
+                         "or export the head again") from None
     bad = {k: v for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())}
     if bad:
         counts = ", ".join(f"{k} ({int(v.isnan().sum())} NaN, {int(v.isinf().sum())} Inf)"
