@@ -120,3 +120,16 @@ def test_protocol_defaults_and_one_entry_point():
     with torch.no_grad(), engine:
         model(**make_batch(processor, 2))
     assert engine.kept_tokens["llm:2"].tolist() == [3, 3]
+
+
+def test_an_object_that_is_not_a_pruner_is_refused_with_what_to_derive_from():
+    class Scorer:  # has select/sites, but does not follow the protocol
+        def sites(self, adapter):
+            return ["vision"]
+
+        def select(self, state):
+            raise AssertionError("never called")
+
+    model, _ = get_tiny("llava")
+    with pytest.raises(TypeError, match="derive it from learned_prune.pruners.base.PrunerBase"):
+        Engine(model, [Scorer()])
