@@ -5,7 +5,7 @@ Findings". One small router per decoder layer decides, from the text tokens' sta
 visual tokens are still needed; at inference the first layer whose router says *exit* removes all
 visual tokens for the rest of the LLM (one exit per sample).
 
-As in the official code: a router is ``Linear(2C, width) -> GELU -> Linear(width, 2)`` (no biases)
+From the official code (read, not compared by a test): a router is ``Linear(2C, width) -> GELU -> Linear(width, 2)`` (no biases)
 over ``[mean of the instruction tokens' states (after the image, without the last token), the last
 prompt token's state]``; exit when the exit logit beats the stay logit (``threshold=0.5`` on the
 softmax); routers are trained as classifiers on labels the frozen model makes itself
