@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .datamodule import ShapesVQADataModule
+from .datamodule import ShapesStageDataModule
 from .stage import StageModule
 
 
@@ -48,18 +48,10 @@ class CaptionCollator:
                 "captions": captions}
 
 
-class ShapesCaptionDataModule(ShapesVQADataModule):
+class ShapesCaptionDataModule(ShapesStageDataModule):
     """ShapesVQA scenes as (image, caption) pairs for the contrastive stage (the same seeded splits)."""
 
-    def __init__(self, processor: Any = None, **kwargs: Any) -> None:
-        super().__init__(processor, **kwargs)
-        if processor is None:
-            raise ValueError("the caption data module needs the backbone's processor (images and tokenizer)")
-        self.collate = CaptionCollator(processor)
-
-    def metric(self) -> None:
-        """No answer metric: this stage has no answers (retrieval accuracy is logged by the module)."""
-        return None
+    collator = CaptionCollator
 
 
 class CaptionEncoder(nn.Module):

@@ -95,3 +95,22 @@ class ShapesVQADataModule(pl.LightningDataModule):
     def metric(self) -> AnswerAccuracy:
         """The metric of this data: exact-match answer accuracy, overall and per ShapesVQA question type."""
         return AnswerAccuracy(QUESTION_TYPES)
+
+
+class ShapesStageDataModule(ShapesVQADataModule):
+    """ShapesVQA for a recipe stage that is not VQA: batches from ``collator(processor)`` (when set), and
+    no answer metric (the stage's module logs its own)."""
+
+    collator: Any = None
+
+    def __init__(self, processor: Any = None, **kwargs: Any) -> None:
+        super().__init__(processor, **kwargs)
+        if processor is None:
+            raise ValueError(f"{type(self).__name__} needs the backbone's processor (its tokenizer and images)")
+        if self.collator is not None:
+            self.collate = self.collator(processor)
+
+    def metric(self) -> None:
+        """No answer metric: this stage has no answers to score."""
+        return None
+

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchmetrics import MeanMetric
 
 from .contrastive import describe
-from .datamodule import ShapesVQADataModule
+from .datamodule import ShapesStageDataModule
 from .stage import StageModule
 
 DESCRIBE = "describe the image ."
@@ -113,28 +113,16 @@ class CaptionAsAnswer(Dataset):
         return item
 
 
-class ShapesTextDataModule(ShapesVQADataModule):
+class ShapesTextDataModule(ShapesStageDataModule):
     """ShapesVQA as text (``data=shapes_text``): for ``module=text_pretrain``."""
 
-    def __init__(self, processor: Any = None, **kwargs: Any) -> None:
-        super().__init__(processor, **kwargs)
-        if processor is None:
-            raise ValueError("the text data module needs the backbone's processor (its tokenizer)")
-        self.collate = SceneText(processor)
-
-    def metric(self) -> None:
-        """No answer metric: the stage logs next-token accuracy."""
-        return None
+    collator = SceneText
 
 
-class ShapesAlignDataModule(ShapesVQADataModule):
+class ShapesAlignDataModule(ShapesStageDataModule):
     """ShapesVQA images with their captions as the answer (``data=shapes_align``): for ``module=align``."""
 
     def __init__(self, processor: Any = None, **kwargs: Any) -> None:
         super().__init__(processor, **kwargs)
         self.train_set, self.val_set, self.test_set = (CaptionAsAnswer(d) for d in
                                                        (self.train_set, self.val_set, self.test_set))
-
-    def metric(self) -> None:
-        """No answer metric: the stage logs next-token accuracy."""
-        return None
