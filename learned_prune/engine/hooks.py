@@ -25,7 +25,7 @@ from .cache import refuse_continuous_batching
 from .inputs import follow_expansion, generated_image_tokens, visual_rows
 from .loop import lm_forward
 from .outputs import causal_lm_loss
-from .vision import VisionCapture
+from .vision import VisionCapture, stack_tiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Engine
@@ -191,14 +191,17 @@ class Hooks:
             n_feats = sum(int(f.shape[0]) if f.dim() == 2 else int(f.shape[0] * f.shape[1]) for f in feats)
             if self.capture.visual is not None:
                 self._check_image_tokens(self.capture.visual, n_feats)
-            sizes = signature.bind_partial(*args, **kwargs).arguments.get("image_sizes")
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            sizes = bound.get("image_sizes")
+            tiles = self.engine.adapter.tiles_per_image(sizes) if self.engine.adapter.is_next else [1] * len(feats)
             self.capture.vision = VisionCapture(
                 n_features=n_feats,
                 hidden_states=out.hidden_states if wants_vision else None,
                 n_tiles=out.hidden_states[0].shape[0] if wants_vision else 0,
                 image_sizes=sizes,
                 features=list(feats),
-                tiles=self.engine.adapter.tiles_per_image(sizes) if self.engine.adapter.is_next else [1] * len(feats),
+                tiles=tiles,
+                pixels=stack_tiles(bound.get("pixel_values"), tiles) if wants_vision else None,
             )
             return out
 

@@ -67,8 +67,10 @@ def follow_expansion(vision: VisionCapture, pooled: Any) -> VisionCapture:
         sizes = sizes[torch.tensor(order, device=sizes.device)]
     elif sizes is not None:
         sizes = [sizes[i] for i in order]
+    pixels = None if vision.pixels is None else vision.pixels[tile_index.to(vision.pixels.device)]
     return replace(vision, n_features=sum(int(t.shape[0]) for t in pooled), hidden_states=hidden,
-                   n_tiles=int(tile_index.numel()), image_sizes=sizes, features=list(pooled), tiles=tiles)
+                   n_tiles=int(tile_index.numel()), image_sizes=sizes, features=list(pooled), tiles=tiles,
+                   pixels=pixels)
 
 
 def generated_image_tokens(

@@ -173,6 +173,11 @@ class PruneState:
         """Head-mean keys of vision encoder layer ``layer`` for every token of every tile, [CLS] first, (T, N, hd)."""
         return vision.tile_keys(self, layer)
 
+    def tile_pixels(self) -> torch.Tensor:
+        """Pixel values of every encoded tile, (T, C, H, W), as the vision tower read them (the processor's
+        normalised tensor; LLaVA-NeXT: each image's base view, then its crops)."""
+        return vision.tile_pixels(self)
+
     def tile_hidden(self, layer: int | None = None) -> torch.Tensor:
         """Raw vision hidden states of every encoded tile, [CLS] first, (T, N, Dv), at hidden-state index
         ``layer`` (default: the backbone's feature layer), before LLaVA-NeXT's unpadding."""

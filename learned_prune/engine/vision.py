@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class VisionCapture:
     """What the engine keeps of one call of ``get_image_features``: the number of visual features it
     gave, every hidden state of the tower (None when no pruner acts at the vision site), the number of
-    encoded tiles, the ``image_sizes`` argument (LLaVA-NeXT), and per image its feature tensor (the
-    object ``generate()`` repeats for beam search) and its number of tiles."""
+    encoded tiles, the ``image_sizes`` argument (LLaVA-NeXT), per image its feature tensor (the
+    object ``generate()`` repeats for beam search) and its number of tiles, and the pixel values of
+    every encoded tile (T, C, H, W) as the tower read them (None when no pruner acts at the vision site)."""
 
     n_features: int
     hidden_states: tuple[torch.Tensor, ...] | None
@@ -27,6 +28,25 @@ class VisionCapture:
     image_sizes: Any
     features: list = field(default_factory=list)
     tiles: list[int] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+
+
+def stack_tiles(pixel_values: Any, tiles: list[int]) -> torch.Tensor | None:
+    """``get_image_features``' pixel values as one (T, C, H, W) tensor of encoded tiles (LLaVA-NeXT's padded
+    (N, max_tiles, C, H, W) input keeps each image's first ``tiles[i]`` tiles); None for anything else."""
+    if not isinstance(pixel_values, torch.Tensor):
+        return None
+    if pixel_values.dim() == 5:
+        return torch.cat([p[:n] for p, n in zip(pixel_values, tiles)])
+    return pixel_values
+
+
+def tile_pixels(state: "PruneState") -> torch.Tensor:
+    """Pixel values of every encoded tile, (T, C, H, W), as the vision tower read them."""
+    v = _vision(state)
+    if v.pixels is None:
+        raise ValueError("the pixel values of this forward pass were not captured (get_image_features got no tensor)")
+    return v.pixels
 
 
 def _vision(state: "PruneState") -> VisionCapture:
