@@ -178,6 +178,11 @@ class PruneState:
         normalised tensor; LLaVA-NeXT: each image's base view, then its crops)."""
         return vision.tile_pixels(self)
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pre-projector features of the vision tower re-run on ``pixels`` (N, C, H, W) of any patch-multiple size
+        (position embeddings interpolated), at the backbone's feature layer and select strategy, (N, tokens, Dv)."""
+        return vision.encode_pixels(self, pixels)
+
     def tile_hidden(self, layer: int | None = None) -> torch.Tensor:
         """Raw vision hidden states of every encoded tile, [CLS] first, (T, N, Dv), at hidden-state index
         ``layer`` (default: the backbone's feature layer), before LLaVA-NeXT's unpadding."""

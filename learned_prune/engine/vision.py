@@ -127,6 +127,18 @@ def tile_keys(state: "PruneState", layer: int = -1) -> torch.Tensor:
     return state.cache[key]
 
 
+def encode_pixels(state: "PruneState", pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower re-run on ``pixels`` (N, C, H, W), H and W multiples of the patch size, with its
+    position embeddings interpolated to that grid; the features at the backbone's feature layer(s)
+    after its select strategy ('default' drops [CLS]), as LLaVA feeds its projector, (N, tokens, Dv)."""
+    a = state.adapter
+    tower = a.vision_tower
+    out = tower(pixels.to(tower.dtype), output_hidden_states=True, interpolate_pos_encoding=True)
+    layers = [a.feature_layer] if isinstance(a.feature_layer, int) else list(a.feature_layer)
+    feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+    return feats[:, 1:] if a.select_strategy == "default" else feats
+
+
 def tile_hidden(state: "PruneState", layer: int | None = None) -> torch.Tensor:
     """Vision hidden states of every tile, [CLS] first, (T, N, Dv), at hidden-state index ``layer``
     (default: the backbone's feature layer, the one LLaVA feeds its projector)."""
