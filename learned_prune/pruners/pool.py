@@ -23,6 +23,14 @@ def pooled_grid(rows: int, cols: int, keep: int) -> tuple[int, int]:
     return best
 
 
+def centre_slots(rows: int, cols: int, h: int, w: int) -> torch.Tensor:
+    """For each cell of an h x w grid over a rows x cols patch grid (raster order), the flat index of the patch
+    at the cell's centre, (h*w,)."""
+    r = ((torch.arange(h) + 0.5) * rows / h).floor().long().clamp(max=rows - 1)
+    c = ((torch.arange(w) + 0.5) * cols / w).floor().long().clamp(max=cols - 1)
+    return (r[:, None] * cols + c[None, :]).flatten()
+
+
 @dataclass
 class PoolPruner(Pruner):
     """Adaptive 2-D average pooling of each image's patch grid to at most ``keep`` cells.
@@ -50,9 +58,6 @@ class PoolPruner(Pruner):
         grid = feats.reshape(B, rows, cols, D).permute(0, 3, 1, 2)
         pooled = F.adaptive_avg_pool2d(grid.float(), (h, w)).to(feats.dtype)  # (B, D, h, w)
         values = pooled.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        # slot of each cell: the patch at the centre of the cell
-        r = ((torch.arange(h) + 0.5) * rows / h).floor().long().clamp(max=rows - 1)
-        c = ((torch.arange(w) + 0.5) * cols / w).floor().long().clamp(max=cols - 1)
-        slots = (r[:, None] * cols + c[None, :]).flatten().to(feats.device)
+        slots = centre_slots(rows, cols, h, w).to(feats.device)  # slot of each cell: the patch at its centre
         indices = slots[None].expand(B, -1)
         return Selection(indices=indices, values=values, values_space="vision")

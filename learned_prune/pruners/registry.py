@@ -10,6 +10,7 @@ from .base import Compose, PrunerBase
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
+from .downsample import Downsample
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .no_pruning import NoPruning
@@ -26,6 +27,7 @@ PRUNERS: dict[str, type] = {
     "none": NoPruning,
     "random": RandomPruner,
     "pool": PoolPruner,
+    "downsample": Downsample,
     "fastv": FastV,
     "fastervlm": FasterVLM,
     "divprune": DivPrune,
