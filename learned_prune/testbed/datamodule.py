@@ -42,8 +42,8 @@ class ShapesVQADataModule(pl.LightningDataModule):
         question_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if eval_split not in ("test", "shift", "val"):
-            raise ValueError(f"eval_split must be 'test', 'shift' or 'val', got {eval_split!r}")
+        if eval_split not in ("test", "hard", "shift", "val"):
+            raise ValueError(f"eval_split must be 'test', 'hard', 'shift' or 'val', got {eval_split!r}")
         self.processor = processor
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

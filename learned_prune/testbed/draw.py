@@ -15,7 +15,7 @@ COLORS = {
     "purple": (150, 50, 200),
     "cyan": (40, 210, 220),
 }
-SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of the image side
+SIZES = {"small": 0.12, "large": 0.19}  # radius as a fraction of the image side: objects span 6-16 patches
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -59,6 +59,39 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
         t = r / 2.8
         return ((np.abs(dx) <= t) & (np.abs(dy) <= r)) | ((np.abs(dy) <= t) & (np.abs(dx) <= r))
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def clutter(rng: np.random.Generator, img: np.ndarray, n: int) -> None:
+    """Draw ``n`` distractors in place: small desaturated blobs that are not objects (no colour name,
+    never asked about), so that not every high-contrast patch is an object."""
+    size = img.shape[0]
+    yy, xx = _grid(size)
+    for _ in range(n):
+        cx, cy = rng.uniform(0, size, size=2)
+        rx, ry = rng.uniform(0.03, 0.07, size=2) * size
+        blob = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        grey = rng.uniform(60, 200)
+        img[blob] = 0.7 * img[blob] + 0.3 * (grey + rng.uniform(-10, 10, size=3))
+
+
+def texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A multiplicative (size, size) texture for one object: stripes, checks or mottling around 1.
+
+    Real objects are not flat colour: the texture changes many pixels inside an object without
+    changing its colour name, so neighbouring patches of one object look alike but not identical.
+    """
+    yy, xx = _grid(size)
+    kind = rng.integers(3)
+    period = rng.uniform(4, 9)
+    if kind == 0:  # stripes at a random angle
+        a = rng.uniform(0, np.pi)
+        pattern = np.sin(2 * np.pi * (np.cos(a) * xx + np.sin(a) * yy) / period)
+    elif kind == 1:  # checks
+        pattern = np.sign(np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period))
+    else:  # mottling
+        coarse = rng.standard_normal((size // 8 + 2, size // 8 + 2))
+        pattern = np.clip(coarse[(yy // 8).astype(int), (xx // 8).astype(int)], -1.5, 1.5) / 1.5
+    return 1 + rng.uniform(0.06, 0.14) * pattern + 0.05 * rng.standard_normal((size, size))
 
 
 @lru_cache(maxsize=8)

@@ -226,7 +226,7 @@ class BackboneModule(StageModule):
         """AdamW; the tower (and its probe) and the rest get their own schedules.
 
         Tower group: warm-up + cosine at ``tower_lr`` over the tower stage, then ``tower_lr_scale``
-        of the LLM schedule. Rest: zero during the tower stage (it gets no gradients there), then
+        of the LLM schedule (without a tower stage, ``tower_lr_scale`` of it from the start). Rest: zero during the tower stage (it gets no gradients there), then
         warm-up + cosine at ``lr`` to the end.
         """
         hp = self.hparams
@@ -245,7 +245,8 @@ class BackboneModule(StageModule):
         T = hp.tower_steps
         full = warmup_cosine_factor(total - T, hp.warmup_steps, floor=0.05)
         tower = warmup_cosine_factor(T, hp.warmup_steps, floor=0.1) if T else full
-        scale = hp.tower_lr_scale * hp.lr / hp.tower_lr if T else 1.0
+        # after the tower stage (or from step 0 without one) the tower runs at tower_lr_scale of the LLM rate
+        scale = hp.tower_lr_scale * hp.lr / hp.tower_lr if T else hp.tower_lr_scale
 
         def tower_factor(step: int) -> float:
             return tower(step) if step < T else scale * full(step - T)

@@ -1,7 +1,9 @@
 """ShapesVQA: a seeded, synthetic VQA testbed generated on the fly (no files).
 
-Scenes hold several coloured shapes of two sizes, some overlapping, on textured backgrounds, so
-that most patches are background but not trivially so. Questions (attribute, count, existence,
+Scenes hold several textured, coloured shapes of two sizes (each spanning several patches, so
+neighbouring tokens are redundant as in real images), some overlapping, among grey distractor blobs
+on textured backgrounds. The ``hard`` split holds many objects and asks about one of them, so that a
+small token budget cannot cover every object and *which* tokens survive decides the answer. Questions (attribute, count, existence,
 relative position) have one-word answers and refer to different objects, so *which* visual tokens
 matter depends on the question — the property visual-token pruning methods are judged on. Each
 sample also carries a per-patch foreground mask, per-patch object labels and object boxes (for
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .draw import COLORS, SHAPES, SIZES, background, shape_mask
+from .draw import COLORS, SHAPES, SIZES, background, clutter, shape_mask, texture
 
 COLOR_NAMES = list(COLORS)
 SIZE_NAMES = list(SIZES)
@@ -34,7 +36,28 @@ def plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
-SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3, "shift": 4}
+SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3, "shift": 4, "hard": 5}
+HARD_WEIGHTS = {"color": 0.3, "shape": 0.3, "size": 0.2, "exist": 0.2}  # questions about one object
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How a split's scenes are drawn: object count range, object scale, distractor count range."""
+
+    min_objects: int
+    max_objects: int
+    scale: float
+    min_clutter: int = 2
+    max_clutter: int = 5
+
+
+STYLES = {
+    "default": SceneStyle(2, 6, 1.0),
+    "hard": SceneStyle(6, 9, 0.75),
+    "shift": SceneStyle(4, 8, 0.6),
+}
+# train draws hard-style scenes this often, so the backbone knows crowded scenes; val/test never do
+TRAIN_HARD_SHARE = 0.3
 # prompt template words, question words, attribute names, plurals, numbers, answers
 VOCAB = sorted(
     {"user", "assistant", ":", "?", "what", "color", "shape", "size", "is", "the", "object", "how", "many",
@@ -56,9 +79,11 @@ class Obj:
         return f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
 
 
-def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale: float):
-    """Place and draw ``n_objects`` objects; returns (image uint8 HxWx3, objects, owner map)."""
+def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale: float, n_clutter: int = 0):
+    """Place and draw ``n_objects`` objects over ``n_clutter`` distractors; returns (image uint8 HxWx3,
+    objects, owner map)."""
     img = background(rng, image_size)
+    clutter(rng, img, n_clutter)
     owner = np.full((image_size, image_size), -1, dtype=np.int16)
     objects: list[Obj] = []
     for _ in range(n_objects):
@@ -74,8 +99,7 @@ def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale:
         obj = Obj(SHAPES[rng.integers(len(SHAPES))], COLOR_NAMES[rng.integers(len(COLOR_NAMES))], size, cx, cy, r)
         mask = shape_mask(obj.shape, cx, cy, r, image_size)
         rgb = np.array(COLORS[obj.color], dtype=np.float64) + rng.normal(0, 8, size=3)
-        shade = 1 + 0.08 * rng.standard_normal(mask.shape)  # a little texture on the object too
-        img[mask] = rgb[None, :] * shade[mask][:, None]
+        img[mask] = rgb[None, :] * texture(rng, image_size)[mask][:, None]
         owner[mask] = len(objects)
         objects.append(obj)
     return np.clip(img, 0, 255).astype(np.uint8), objects, owner
@@ -131,7 +155,7 @@ def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, 
         ids = _unique(objects, lambda o: (o.color, o.shape))
         rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
         axis, sign = RELATIONS[rel]
-        gap = 0.1 * 96
+        gap = 0.1 * 96  # a tenth of the default image side
         pairs = [(i, j) for i in ids for j in ids if i != j
                  and abs([objects[i].cx, objects[i].cy][axis] - [objects[j].cx, objects[j].cy][axis]) >= gap]
         if not pairs:
@@ -147,7 +171,12 @@ def ask(rng: np.random.Generator, objects: list[Obj], qtype: str) -> tuple[str, 
 
 
 class ShapesVQADataset(Dataset):
-    """ShapesVQA split ``split`` in {train, val, test, shift}; ``shift`` has more, smaller objects.
+    """ShapesVQA split ``split`` in {train, val, test, hard, shift}.
+
+    ``test``/``val``: 2-6 objects; ``hard``: 6-9 smaller objects and questions about one of them
+    (colour, shape, size, existence); ``train``: test-style scenes with a share of hard-style ones;
+    ``shift``: 4-8 still smaller objects, never trained on. ``min_objects``, ``max_objects`` and
+    ``object_scale`` override the split's style.
 
     Items are dicts: ``image`` (uint8 HxWx3), ``question``, ``answer``, ``qtype``, ``patch_mask``
     (bool, grid*grid), ``patch_labels`` (long, colour*5+shape of the object covering most of each
@@ -181,15 +210,16 @@ class ShapesVQADataset(Dataset):
             raise ValueError(f"split must be one of {list(SPLIT_OFFSETS)}, got {split!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
-        shift = split == "shift"
         self.split = split
         self.size = size if size is not None else {"train": 100_000, "val": 512}.get(split, 1000)
         self.split_seed = seed * 1000 + SPLIT_OFFSETS[split]
         self.image_size, self.patch_size = image_size, patch_size
-        self.min_objects = min_objects or (4 if shift else 2)
-        self.max_objects = max_objects or (8 if shift else 5)
-        self.object_scale = object_scale or (0.7 if shift else 1.0)
-        weights = question_weights or DEFAULT_WEIGHTS
+        self.styles = [STYLES[split if split in STYLES else "default"]]
+        if split == "train":
+            self.styles.append(STYLES["hard"])
+        self.styles = [SceneStyle(min_objects or st.min_objects, max_objects or st.max_objects,
+                                  object_scale or st.scale, st.min_clutter, st.max_clutter) for st in self.styles]
+        weights = question_weights or (HARD_WEIGHTS if split == "hard" else DEFAULT_WEIGHTS)
         unknown = set(weights) - set(QUESTION_TYPES)
         if unknown:
             raise ValueError(f"unknown question types {sorted(unknown)}; choose from {QUESTION_TYPES}")
@@ -205,9 +235,11 @@ class ShapesVQADataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = np.random.default_rng([self.split_seed, index])
+        style = self.styles[int(len(self.styles) > 1 and rng.random() < TRAIN_HARD_SHARE)]
         while True:
-            n = int(rng.integers(self.min_objects, self.max_objects + 1))
-            image, objects, owner = draw_scene(rng, self.image_size, n, self.object_scale)
+            n = int(rng.integers(style.min_objects, style.max_objects + 1))
+            clutter = int(rng.integers(style.min_clutter, style.max_clutter + 1))
+            image, objects, owner = draw_scene(rng, self.image_size, n, style.scale, clutter)
             qtype = self.qtypes[rng.choice(len(self.qtypes), p=self.qprobs)]
             qa = ask(rng, objects, qtype)
             if qa is not None and objects:
