@@ -25,7 +25,7 @@ def _no_trace(model, before: set | None = None) -> bool:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["random", "pool", "fastv", "fastervlm"])
+@pytest.mark.parametrize("name", ["random", "pool", "downsample", "fastv", "fastervlm"])
 def test_hooks_removed_after_exception(name):
     model, processor = get_tiny("llava")
     batch = make_batch(processor, 2)
@@ -73,7 +73,7 @@ def test_nesting_is_refused_and_compose_works():
 
 
 def test_registry_and_load_pruner_errors():
-    assert {"none", "random", "pool", "fastv", "fastervlm"} <= set(PRUNERS)
+    assert {"none", "random", "pool", "downsample", "fastv", "fastervlm"} <= set(PRUNERS)
     assert isinstance(load_pruner("fastv", layer=3, keep=32), FastV)
     with pytest.raises(KeyError, match="registered"):
         load_pruner("fastvv")
@@ -96,7 +96,7 @@ def test_resolve_keep_counts_and_ratios():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["random", "pool", "fastv", "fastervlm"])
+@pytest.mark.parametrize("name", ["random", "pool", "downsample", "fastv", "fastervlm"])
 def test_budget_above_token_count_is_a_clear_error(name):
     model, processor = get_tiny("llava")
     batch = make_batch(processor, 1)
