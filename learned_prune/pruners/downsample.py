@@ -49,6 +49,7 @@ class Downsample(Pruner):
     """
 
     site: str = "vision"
+    needs = ("vision_grid",)  # refused on a family whose tower lacks it (docs/families.md)
 
     def prepare(self, adapter: Any) -> None:
         if adapter.select_strategy != "default":
