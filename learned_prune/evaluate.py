@@ -90,14 +90,23 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     check_methods(methods, keeps, options)  # wrong arguments fail now, not after the methods before them
     model, processor = hydra.utils.instantiate(cfg.backbone)
     check_methods(methods, keeps, options, model=model)  # and what only the model can tell (e.g. llm:K in range)
-    datamodule = hydra.utils.instantiate(cfg.data, processor=processor)
+    turns = int(cfg.data.get("turns", 1))
+    if turns not in (1, 2):
+        raise ValueError(f"data.turns={turns}: 1 (one question per image) or 2 (ShapesVQA's follow-up question)")
+    data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "turns"}
+    datamodule = hydra.utils.instantiate(data_cfg, processor=processor)
     if len(datamodule.test_set) == 0:
         raise ValueError(f"the evaluation split is empty (data.test_size={cfg.data.get('test_size')}): "
                          "set data.test_size to at least 1")
     loader = datamodule.test_dataloader()
+    if turns == 2:  # the follow-up about another object, on the first turn's pruned KV cache
+        from .testbed.followup import followup_loader
+
+        loader = followup_loader(datamodule)
     dataset = getattr(datamodule, "name", None) or \
         f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
     max_new_tokens = getattr(datamodule, "max_new_tokens", None) or cfg.max_new_tokens
+    dataset += ":turns=2" if turns == 2 else ""
     timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
     timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
                      "pixel_values": timing["pixel_values"]}
@@ -105,7 +114,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
                        warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,
                        metric_factory=getattr(datamodule, "metric", None),
-                       options=options)
+                       options=options, turns=turns)
     records = [r for r in records if r["dataset"] == dataset]
     table = markdown_table(records)
     (out / "results.md").write_text(table)

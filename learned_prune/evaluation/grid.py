@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .measure import TIMING_FIELDS, analytic_flops, count_selection_flops, time_prefill_and_generation
 from .methods import build_pruner, check_grid, spec_is_adaptive
+from .multiturn import two_turn_answers
 from .report import append_record, load_records, record_key
 from .vqa import AnswerAccuracy, greedy_answers
 
@@ -49,21 +50,30 @@ def check_same_setting(records: list[dict[str, Any]], setting: dict[str, Any], p
 @torch.no_grad()
 def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, keep: Any,
                         max_new_tokens: int = 2, options: dict[str, dict] | None = None,
-                        metric_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+                        metric_factory: Callable[[], Any] | None = None, turns: int = 1) -> dict[str, Any]:
     """Accuracy (overall, per question type) and mean kept visual tokens / FLOPs per sample.
+
+    ``turns=2`` (batches with ``followup_prompts``): each sample's follow-up is asked in the same
+    conversation on the pruned KV cache (:func:`~.multiturn.two_turn_answers`); ``metrics`` then holds
+    ``turn1`` (= ``accuracy``) and ``turn2``, the follow-up's accuracy (the FLOPs are the first turn's).
 
     ``metric_factory`` builds the accuracy metric (default: ShapesVQA's exact match; ``data=vqa``
     gives each benchmark's official metric, scored against the batch's ``golds``)."""
     pruner = build_pruner(method, keep, options)
     select_flops = count_selection_flops(pruner)
     metric = metric_factory() if metric_factory is not None else AnswerAccuracy()
+    second = metric_factory() if metric_factory is not None else AnswerAccuracy()
     kept_sum: dict[str, float] = defaultdict(float)
     flops_sum: dict[str, float] = defaultdict(float)
     n = 0
     image_token = model.config.image_token_id
     for batch in loader:
         with pruner(model) as engine:
-            answers = greedy_answers(model, processor, batch, max_new_tokens=max_new_tokens)
+            if turns == 2:
+                answers, followups = two_turn_answers(model, processor, batch, max_new_tokens)
+                second.update(followups, batch["followup_answers"], batch["followup_qtypes"])
+            else:
+                answers = greedy_answers(model, processor, batch, max_new_tokens=max_new_tokens)
             kept = {s: v.float().cpu() for s, v in engine.kept_tokens.items()}
         metric.update(answers, batch.get("golds", batch["answers"]), batch.get("qtypes"))
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
@@ -79,6 +89,8 @@ def accuracy_and_tokens(model, processor, loader: Iterable[dict], method: str, k
     scores = {k: float(v) for k, v in metric.compute_all().items()}
     by_type = {k: v for k, v in scores.items() if k.startswith("acc_")}
     extra = {k: v for k, v in scores.items() if k != "acc" and not k.startswith("acc_")}  # e.g. POPE's F1
+    if turns == 2:
+        extra.update(turn1=float(metric.compute()), turn2=float(second.compute()))
     flops = {k: v / n for k, v in flops_sum.items()}
     flops["pruner"] = sum(select_flops) / max(n, 1)
     return {
@@ -107,6 +119,7 @@ def run_grid(
     max_new_tokens: int = 2,
     options: dict[str, dict] | None = None,
     metric_factory: Callable[[], Any] | None = None,
+    turns: int = 1,
 ) -> list[dict[str, Any]]:
     """Evaluate every (method, keep); append each finished record to ``out_dir/results.jsonl``.
 
@@ -134,7 +147,8 @@ def run_grid(
         bar.set_postfix_str(f"{method} keep={keep}")
         start = time.time()
         torch.manual_seed(0)
-        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options, metric_factory)
+        result = accuracy_and_tokens(model, processor, loader, method, keep, max_new_tokens, options, metric_factory,
+                                     turns)
         timing = (time_prefill_and_generation(model, build_pruner(method, keep, options), timing_inputs, repeats, warmup,
                                               max_new_tokens) if repeats > 0 else dict.fromkeys(TIMING_FIELDS))
         record = {"method": method, "keep": keep, "dataset": dataset, **result, **timing,
