@@ -109,8 +109,8 @@ def _render_llava15(messages: list[tuple[str, str]], eos: str) -> Rendered:
             start = len(text)
             text += f" {msg.strip()}{eos}"
             spans.append((start, len(text)))
-    last = [t for r, t in messages if r == "assistant"][-1]
-    return Rendered(text, spans, last.strip())
+    last = [t for r, t in messages if r == "assistant"][-1:] or [""]
+    return Rendered(text, spans, last[0].strip())
 
 
 def render(processor: Any, messages: list[tuple[str, str]], template: str) -> Rendered:
@@ -118,6 +118,14 @@ def render(processor: Any, messages: list[tuple[str, str]], template: str) -> Re
     if template == "chat_template":
         return _render_template(processor, messages)
     return _render_llava15(messages, processor.tokenizer.eos_token)
+
+
+def generation_prompt(processor: Any, messages: list[tuple[str, str]], template: str) -> str:
+    """The prompt that asks for the next assistant turn after ``messages`` (the last one a user turn)."""
+    if template == "chat_template":
+        conv = [{"role": r, "content": _content(r, t)} for r, t in messages]
+        return processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    return _render_llava15(messages, processor.tokenizer.eos_token).text + "ASSISTANT:"
 
 
 def image_token_id(processor: Any) -> int:
