@@ -94,28 +94,15 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if turns not in (1, 2):
         raise ValueError(f"data.turns={turns}: 1 (one question per image) or 2 (ShapesVQA's follow-up question)")
     data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "turns"}
-    datamodule = hydra.utils.instantiate(data_cfg, processor=processor)
-    if len(datamodule.test_set) == 0:
-        raise ValueError(f"the evaluation split is empty (data.test_size={cfg.data.get('test_size')}): "
-                         "set data.test_size to at least 1")
-    loader = datamodule.test_dataloader()
-    if turns == 2:  # the follow-up about another object, on the first turn's pruned KV cache
-        from .testbed.followup import followup_loader
-
-        loader = followup_loader(datamodule)
-    dataset = getattr(datamodule, "name", None) or \
-        f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{cfg.data.get('eval_split', 'test')}"
-    max_new_tokens = getattr(datamodule, "max_new_tokens", None) or cfg.max_new_tokens
-    dataset += ":turns=2" if turns == 2 else ""
-    timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
-    timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
-                     "pixel_values": timing["pixel_values"]}
-    records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
-                       config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
-                       warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,
-                       metric_factory=getattr(datamodule, "metric", None),
-                       options=options, turns=turns)
-    records = [r for r in records if r["dataset"] == dataset]
+    splits = data_cfg.get("eval_split", "test")
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    if not splits:
+        raise ValueError("data.eval_split is an empty list: name a split (test) or several ([test,hard])")
+    records = []
+    for split in splits:  # one grid per evaluation split, all in one results file (the dataset column)
+        if "eval_split" in data_cfg:
+            data_cfg["eval_split"] = split
+        records += _evaluate_split(cfg, model, processor, data_cfg, turns, methods, keeps, options, out)
     table = markdown_table(records)
     (out / "results.md").write_text(table)
     plot = accuracy_vs_flops_plot(records, out / "accuracy_vs_flops.png")
@@ -133,4 +120,32 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         logger.experiment.finish()
     print(table)
     print(f"results: {out / 'results.jsonl'}\ntable:   {out / 'results.md'}\nplot:    {plot}")
+    return records
+
+
+def _evaluate_split(cfg: DictConfig, model: Any, processor: Any, data_cfg: dict, turns: int, methods: list[str],
+                    keeps: list, options: dict[str, dict], out: Path) -> list[dict[str, Any]]:
+    """The method x budget grid on one evaluation split (``data_cfg``'s ``eval_split``); its records."""
+    datamodule = hydra.utils.instantiate(data_cfg, processor=processor)
+    if len(datamodule.test_set) == 0:
+        raise ValueError(f"the evaluation split is empty (data.test_size={cfg.data.get('test_size')}): "
+                         "set data.test_size to at least 1")
+    loader = datamodule.test_dataloader()
+    if turns == 2:  # the follow-up about another object, on the first turn's pruned KV cache
+        from .testbed.followup import followup_loader
+
+        loader = followup_loader(datamodule)
+    dataset = getattr(datamodule, "name", None) or \
+        f"{type(datamodule).__name__.replace('DataModule', '').lower()}:{data_cfg.get('eval_split', 'test')}"
+    max_new_tokens = getattr(datamodule, "max_new_tokens", None) or cfg.max_new_tokens
+    dataset += ":turns=2" if turns == 2 else ""
+    timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
+    timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
+                     "pixel_values": timing["pixel_values"]}
+    records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
+                       config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
+                       warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,
+                       metric_factory=getattr(datamodule, "metric", None),
+                       options=options, turns=turns)
+    records = [r for r in records if r["dataset"] == dataset]
     return records

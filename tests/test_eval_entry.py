@@ -13,9 +13,11 @@ from hydra.core.global_hydra import GlobalHydra
 
 from learned_prune.evaluate import evaluate, resolve_methods
 from learned_prune.pruners import PRUNERS
+from learned_prune.testbed import ShapesVQADataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_GRID = ["methods=[none,fastv]", "keep=[16]", "data.test_size=4", "data.eval_batch_size=4", "timing.repeats=0"]
+TINY_GRID = ["methods=[none,fastv]", "keep=[16]", "data.test_size=4", "data.eval_batch_size=4", "timing.repeats=0",
+             "data.eval_split=test"]
 
 
 def _compose_eval(out: Path, *overrides: str):
@@ -55,6 +57,16 @@ def test_eval_config_runs_a_tiny_grid_and_writes_records_table_and_plot(tmp_path
                                                                         for r in records]
 
 
+def test_default_grid_runs_the_test_and_hard_splits_into_one_results_file(tmp_path):
+    assert list(_compose_eval(tmp_path).data.eval_split) == ["test", "hard"]
+    records = evaluate(_compose_eval(tmp_path, *TINY_GRID[:-1], "methods=[none]"))
+    assert sorted(r["dataset"] for r in records) == ["shapesvqa:hard", "shapesvqa:test"]
+    hard = ShapesVQADataset("hard", size=4)
+    assert all(len(hard[i]["objects"]) >= 6 for i in range(4))  # the hard split's crowded scenes
+    assert {line.split(" | ")[2] for line in (tmp_path / "results.md").read_text().splitlines()[2:]} == \
+        {"shapesvqa:test", "shapesvqa:hard"}
+
+
 def test_default_grid_is_every_pruner_and_every_shipped_head(tmp_path):
     cfg = _compose_eval(tmp_path)
     assert cfg.methods is None and list(cfg.keep) == [0.11, 0.22, 0.33]
@@ -68,7 +80,7 @@ def test_eval_py_runs_from_the_command_line(tmp_path):
     """``python eval.py`` itself (Hydra's entry point, its run folder and runtime paths)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "eval.py", "methods=[none]", "keep=[16]", "data.test_size=2", "data.eval_batch_size=2",
-           "timing.repeats=0", f"hydra.run.dir={tmp_path}"]
+           "timing.repeats=0", "data.eval_split=test", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"eval run folder: {tmp_path}" in done.stdout
