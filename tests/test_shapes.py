@@ -28,13 +28,36 @@ def test_deterministic_per_seed_and_index():
 
 
 def test_splits_use_disjoint_seeds_and_images():
-    splits = {s: ShapesVQADataset(s, size=200) for s in ("train", "val", "test", "shift")}
-    assert len({d.split_seed for d in splits.values()}) == 4
+    splits = {s: ShapesVQADataset(s, size=200) for s in ("train", "val", "test", "hard", "shift")}
+    assert len({d.split_seed for d in splits.values()}) == 5
     hashes = {s: {_digest(d[i]) for i in range(200)} for s, d in splits.items()}
     names = list(hashes)
     for i, x in enumerate(names):
         for y in names[i + 1 :]:
             assert not hashes[x] & hashes[y], (x, y)
+
+
+def test_the_hard_split_asks_about_one_object_among_many():
+    hard, test = ShapesVQADataset("hard", size=200), ShapesVQADataset("test", size=200)
+    items = [hard[i] for i in range(200)]
+    assert min(len(s["objects"]) for s in items) >= 6 > max(len(test[i]["objects"]) for i in range(200)) - 1
+    assert {s["qtype"] for s in items} == {"color", "shape", "size", "exist"}
+    about = [len(set(s["patch_objects"][s["target_patches"]].tolist())) for s in items if s["target_patches"].any()]
+    assert np.mean(np.array(about) == 1) > 0.9  # the question is about one object (exist: rarely two alike ones)
+    # the question's object covers a small share of the patches: 16 of 144 tokens cannot cover them all
+    fg = np.mean([s["patch_mask"].float().sum().item() for s in items])
+    assert fg > 16
+
+
+def test_objects_span_several_patches_so_neighbouring_tokens_are_redundant():
+    ds = ShapesVQADataset("test", size=100)
+    per_object = [np.bincount(s["patch_objects"][s["patch_objects"] >= 0].numpy()) for s in (ds[i] for i in range(100))]
+    assert np.median(np.concatenate(per_object)) >= 5
+
+
+def test_training_mixes_in_crowded_scenes():
+    counts = [len(ShapesVQADataset("train", size=300)[i]["objects"]) for i in range(300)]
+    assert 0.15 < np.mean(np.array(counts) >= 7) < 0.45
 
 
 def test_masks_agree_with_drawn_objects():

@@ -87,3 +87,42 @@ def test_the_text_stage_sees_descriptions_questions_and_answers_with_labels_on_e
     assert first.endswith(f"{items[0]['answer']} {tok.eos_token}") or first.endswith(f"{items[0]['answer']}{tok.eos_token}")
     assert torch.equal(batch["labels"] != -100, batch["attention_mask"].bool())
     assert tok.unk_token_id not in batch["input_ids"][batch["attention_mask"].bool()]
+
+
+def test_the_instruct_stage_trains_every_part_from_the_aligned_export_without_resetting_its_positions(tmp_path):
+    from learned_prune.run import build
+    from learned_prune.testbed import testbed_llava
+
+    model, processor = testbed_llava("llava", vision_hidden=32, text_hidden=32, text_layers=2, vision_layers=2,
+                                     intermediate_size=64)
+    model.save_pretrained(tmp_path / "aligned")
+    processor.save_pretrained(tmp_path / "aligned")
+    positions = model.model.vision_tower.vision_model.embeddings.position_embedding.weight.detach().clone()
+    cfg = compose_train(tmp_path, ["module=instruct", f"backbone.name_or_path={tmp_path / 'aligned'}", *TINY[5:],
+                                   "data.batch_size=4", "data.train_size=8", "data.val_size=4", "data.test_size=4",
+                                   "trainer.max_steps=3", "trainer.val_check_interval=3", "module.warmup_steps=1",
+                                   "test=false"])
+    parts = build(cfg)
+    module = parts["module"]
+    tower = module.model.model.vision_tower.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(tower.detach(), positions)  # the contrastive stage's positions are kept, not re-initialised
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    parts["trainer"].fit(module, datamodule=parts["datamodule"])
+    assert _changed(before, module) == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}
+    rates = {round(g["lr"] / module.hparams.lr, 3) for g in parts["trainer"].optimizers[0].param_groups}
+    assert min(rates) <= module.hparams.tower_lr_scale + 1e-3 < max(rates)  # the tower runs at its lower rate
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_hard_negative_captions_are_wrong_about_exactly_one_attribute():
+    import numpy as np
+
+    from learned_prune.testbed import ShapesVQADataset
+    from learned_prune.testbed.contrastive import perturbed
+
+    for i in range(20):
+        objects = ShapesVQADataset("train", size=20)[i]["objects"]
+        changed = perturbed(objects, np.random.default_rng(i))
+        diffs = [(k, a[k], b[k]) for a, b in zip(objects, changed) for k in ("color", "shape", "size") if a[k] != b[k]]
+        assert len(diffs) == 1, diffs
+        assert describe(changed) != describe(objects)
