@@ -8,13 +8,15 @@ from typing import Any
 from .atp import ATPHead
 from .bavit import BAViTHead
 from .dyvte import DyVTEHead
+from .flashsloth import FlashSlothHead
 from .lora import load_adapter
 from .lvpruning import LVPruningHead
+from .quecc import QueCCHead
 from .checked_io import read_json
 from .learned import CONFIG_NAME, WEIGHTS_NAME, LearnedHead
 
 HEADS: dict[str, type[LearnedHead]] = {"atp": ATPHead, "bavit": BAViTHead, "lvpruning": LVPruningHead,
-                                    "dyvte": DyVTEHead}
+                                    "dyvte": DyVTEHead, "flashsloth": FlashSlothHead, "quecc": QueCCHead}
 
 
 def is_adaptive(name: str) -> bool:
