@@ -14,7 +14,7 @@ import yaml
 from learned_prune.sweep import BudgetScore, visual_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS = ["atp", "lvpruning", "bavit", "dyvte"]
+HEADS = ["atp", "lvpruning", "bavit", "dyvte", "flashsloth", "quecc"]
 TINY = [
     "backbone=tiny_init", "backbone.vision_hidden=32", "backbone.text_hidden=32", "backbone.text_layers=8",
     "backbone.vision_layers=2", "backbone.intermediate_size=64", "data.batch_size=4", "data.val_size=4",
