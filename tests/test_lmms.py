@@ -122,3 +122,67 @@ def test_registered_with_lmms_eval_when_it_is_installed():
 
     cls = get_model("learned_prune")
     assert issubclass(cls, lmms) and issubclass(cls, PrunedVLM)
+
+
+TASK = """task: shapes_tiny
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function shapes_tiny_utils.doc_to_visual
+doc_to_text: !function shapes_tiny_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 2
+  temperature: 0
+  do_sample: false
+  num_beams: 1
+  until: ["</s>"]
+process_results: !function shapes_tiny_utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+UTILS = """def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
+"""
+
+
+def test_lmms_eval_cli_runs_a_local_task(tmp_path):
+    """lmms-eval's own entry point, on a task the test writes (8 ShapesVQA questions saved as an HF dataset)."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installable beside the project's pins (docs/lmms_eval.md)")
+    datasets = pytest.importorskip("datasets")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    docs = _docs(8)
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)}).save_to_disk(str(tmp_path / "data"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "shapes_tiny.yaml").write_text(TASK.format(data=tmp_path / "data"))
+    (tasks / "shapes_tiny_utils.py").write_text(UTILS)
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "learned_prune", "--model_args",
+           f"pretrained={TINY},pruner=divprune,keep=64", "--tasks", "shapes_tiny", "--include_path",
+           str(tasks), "--batch_size", "3", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    found = list((tmp_path / "out").rglob("*results.json"))  # lmms-eval exits 0 on a model error: look for results
+    assert run.returncode == 0 and found, (run.stdout + run.stderr)[-3000:]
+    results = found[0]
+    score = json.loads(results.read_text())["results"]["shapes_tiny"]["exact_match,none"]
+    vlm = _vlm(pruner="divprune", keep=64)
+    vlm.task_dict = {"shapes": {"test": docs}}
+    answers = vlm.generate_until(_requests(docs))
+    assert score == pytest.approx(sum(a.strip().lower() == d["answer"] for a, d in zip(answers, docs)) / len(docs))

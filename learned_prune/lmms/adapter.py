@@ -37,14 +37,16 @@ class PrunedVLM:
     ``a+b`` composition; ``none`` by default) at budget ``keep`` (a count, a ratio, or unset for adaptive
     heads)."""
 
-    def __init__(self, pretrained: str, pruner: str = "none", keep: int | float | None = None, batch_size: int = 1,
-                 device: str = "cpu", dtype: str | None = None, template: str = "auto", max_new_tokens: int = 128,
-                 **kwargs: Any) -> None:
+    def __init__(self, pretrained: str, pruner: str = "none", keep: int | float | None = None,
+                 batch_size: int | str = 1, device: str | None = None, dtype: str | None = None, template: str = "auto",
+                 max_new_tokens: int = 128, max_batch_size: int | None = None, **kwargs: Any) -> None:
         if kwargs:
             raise ValueError(f"unknown --model_args {sorted(kwargs)}; learned_prune takes pretrained, pruner, keep, "
-                             "batch_size, device, dtype, template, max_new_tokens")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size}: at least 1")
+                             "device, dtype, template, max_new_tokens (and lmms-eval's --batch_size)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1 or max_batch_size is not None:
+            raise ValueError(f"--batch_size {batch_size} (max_batch_size={max_batch_size}): learned_prune takes a fixed "
+                             "batch size of at least 1 (--batch_size 8); automatic batch sizes are not supported")
+        device = device or "cpu"
         check_spec(str(pruner))
         self._model, self.processor = load_backbone(str(pretrained), dtype=dtype) if dtype else \
             load_backbone(str(pretrained))
