@@ -1,7 +1,8 @@
-"""``load_backbone``: an HF LLaVA-1.5 / LLaVA-NeXT model and its processor, by hub id or local folder."""
+"""``load_backbone``: an HF LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL model and its processor, by hub id or local folder."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,10 @@ from .tiny import tiny_llava
 _CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
+TINY = {"tiny": "llava", "tiny-next": "llava_next", "tiny-qwen2_5_vl": "qwen2_5_vl", "tiny-llava_onevision": "llava_onevision"}
 
 
 def _default_dtype(device: str | torch.device | None) -> torch.dtype:
@@ -35,12 +39,14 @@ def load_backbone(
 
     ``name_or_path``: a local folder written by ``save_pretrained`` (model + processor), an HF hub
     id already in the local cache (this library never downloads: set ``local_files_only=False``
-    yourself to allow it), or ``"tiny"`` / ``"tiny-next"`` for a random in-code :func:`tiny_llava`.
+    yourself to allow it), or ``"tiny"`` / ``"tiny-next"`` / ``"tiny-qwen2_5_vl"`` for a random in-code
+    :func:`tiny_llava`. A Qwen-VL processor loads for images only when its video processor cannot
+    (it needs torchvision).
     SDPA attention by default; bf16 on CUDA, fp32 otherwise. Extra ``kwargs`` go to ``from_pretrained``.
     """
     name = str(name_or_path)
-    if name in ("tiny", "tiny-next"):
-        model, processor = tiny_llava("llava" if name == "tiny" else "llava_next", attn_implementation=attn_implementation)
+    if name in TINY:
+        model, processor = tiny_llava(TINY[name], attn_implementation=attn_implementation)
         return model.to(device or "cpu"), processor
     if local_files_only is None:
         local_files_only = True
@@ -70,7 +76,7 @@ def load_backbone(
         local_files_only=local_files_only,
         **kwargs,
     )
-    processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
+    processor = _processor(name, config.model_type, local_files_only)
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
         tok.padding_side = "left"
@@ -78,6 +84,36 @@ def load_backbone(
     if device is not None:
         model.to(device)
     return model, processor
+
+
+# Families whose HF processor also builds a video processor (torchvision): their image-only processors.
+IMAGE_ONLY = {"qwen2_5_vl": (".tiny_qwen", "QwenImageProcessor"),
+              "llava_onevision": (".tiny_onevision", "OneVisionImageProcessor")}
+
+
+def _processor(name: str, model_type: str, local_files_only: bool) -> ProcessorMixin:
+    """``AutoProcessor``; for Qwen-VL, whose full processor also builds a video processor (torchvision), the
+    image-only :class:`~.tiny_qwen.QwenImageProcessor` from the folder's image processor and tokenizer when
+    the full one cannot load (AutoProcessor then falls back to the tokenizer alone)."""
+    try:
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
+    except (ImportError, ValueError, AttributeError):
+        if model_type not in IMAGE_ONLY:
+            raise
+        processor = None
+    if model_type in IMAGE_ONLY and getattr(processor, "image_processor", None) is None:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        module, cls = IMAGE_ONLY[model_type]
+        kwargs = {}
+        path = Path(name) / "processor_config.json"
+        if path.is_file():  # the processor's own settings (token counts, strategies)
+            kwargs = {k: v for k, v in json.loads(path.read_text()).items()
+                      if k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")}
+        image_only = getattr(importlib.import_module(module, __package__), cls)
+        processor = image_only(AutoImageProcessor.from_pretrained(name, local_files_only=local_files_only),
+                               AutoTokenizer.from_pretrained(name, local_files_only=local_files_only), **kwargs)
+    return processor
 
 
 def _check_local(name: str) -> None:

@@ -26,9 +26,11 @@ from transformers import (
     ProcessorMixin,
 )
 
+from .tiny_onevision import tiny_llava_onevision
+from .tiny_qwen import tiny_qwen2_5_vl
 from .tokenizer import word_tokenizer
 
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
 
 
 def tiny_llava(
@@ -48,7 +50,9 @@ def tiny_llava(
     seed: int | None = 0,
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Build a small random LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava_next"``).
+    """Build a small random LLaVA-1.5 (``family="llava"``), LLaVA-NeXT (``"llava_next"``) or Qwen2.5-VL
+    (``"qwen2_5_vl"``: :func:`~.tiny_qwen.tiny_qwen2_5_vl`) or LLaVA-OneVision (``"llava_onevision"``:
+    :func:`~.tiny_onevision.tiny_llava_onevision`), which take the same sizes.
 
     Returns ``(model, processor)`` in eval mode. With the defaults an image becomes a 12x12
     grid, i.e. 144 visual tokens (LLaVA-NeXT adds tiles and row-end newline tokens).
@@ -58,6 +62,13 @@ def tiny_llava(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family in ("qwen2_5_vl", "llava_onevision"):
+        build = tiny_qwen2_5_vl if family == "qwen2_5_vl" else tiny_llava_onevision
+        return build(image_size=image_size, patch_size=patch_size, vision_hidden=vision_hidden,
+                               vision_layers=vision_layers, vision_heads=vision_heads, text_hidden=text_hidden,
+                               text_layers=text_layers, text_heads=text_heads, text_kv_heads=text_kv_heads,
+                               intermediate_size=intermediate_size, vocab=vocab, seed=seed,
+                               attn_implementation=attn_implementation)
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
     tokenizer = word_tokenizer(vocab or ())

@@ -1,4 +1,5 @@
-"""Batching VQA samples for an HF LLaVA processor: training inputs with answer-only labels, and prompts."""
+"""Batching VQA samples for an HF LLaVA or Qwen-VL processor: training inputs with answer-only labels, and prompts
+(the template's ``<image>`` becomes the family's image placeholder, :func:`image_placeholder`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+
+# How one image stands in a prompt, by the processor's image token (the template writes ``<image>``):
+# Qwen-VL wraps its image pad token in vision start/end tokens; LLaVA's processors expand ``<image>`` itself.
+IMAGE_TEXT = {"<|image_pad|>": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+def image_placeholder(processor: Any) -> str:
+    """The text that stands for one image in a prompt for ``processor``'s model family (``<image>`` for LLaVA)."""
+    token = getattr(processor, "image_token", "<image>")
+    return IMAGE_TEXT.get(token, token)
 
 
 class VQACollator:
@@ -28,7 +40,8 @@ class VQACollator:
         tok = self.processor.tokenizer
         tok.padding_side = "left"
         images = [Image.fromarray(s["image"]) for s in samples]
-        prompts = [self.template.format(question=s["question"]) for s in samples]
+        image_text = image_placeholder(self.processor)
+        prompts = [self.template.format(question=s["question"]).replace("<image>", image_text) for s in samples]
         answers = [s["answer"] for s in samples]
         texts = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
@@ -46,6 +59,9 @@ class VQACollator:
         for b, r in enumerate(rows):
             prompt_ids[b, P - r.numel() :], prompt_mask[b, P - r.numel() :] = r, 1
         batch = dict(enc)
+        if "mm_token_type_ids" in enc:  # Qwen-VL's M-RoPE needs them: 1 on image tokens, for the prompt too
+            image_id = getattr(self.processor, "image_token_id", None)
+            batch["prompt_mm_token_type_ids"] = (prompt_ids == image_id).long() * prompt_mask
         batch.update(
             labels=labels,
             prompt_input_ids=prompt_ids,

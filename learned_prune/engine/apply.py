@@ -76,6 +76,7 @@ def hard_gather(
     dropped = seq.is_visual & ~keep & seq.valid
     removed = dropped.sum(1)
     if repack:
-        seq.pos = seq.pos - dropped.long().cumsum(1)
+        shift = dropped.long().cumsum(1)
+        seq.pos = seq.pos - (shift if seq.pos.dim() == 2 else shift[..., None])  # M-RoPE: every id alike
     index, slot_valid = compact_index(keep)
     return seq.gather(index, slot_valid), index, (removed if repack else torch.zeros_like(removed))

@@ -10,7 +10,7 @@ it on HF outputs); :func:`llm_attention` and :func:`previous_layer_keys` serve a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def query_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
-def rope_keys(rotary_emb: nn.Module, keys: torch.Tensor, pos: torch.Tensor, head_dim: int) -> torch.Tensor:
+def rope_keys(rotary_emb: nn.Module | Callable, keys: torch.Tensor, pos: torch.Tensor, head_dim: int) -> torch.Tensor:
     """``k_proj`` outputs (B, L, H_kv * head_dim) at positions ``pos`` -> post-RoPE keys (B, H_kv, L, head_dim)."""
     B, L = keys.shape[:2]
     k = keys.view(B, L, -1, head_dim).transpose(1, 2)
@@ -42,7 +42,7 @@ def rope_keys(rotary_emb: nn.Module, keys: torch.Tensor, pos: torch.Tensor, head
 
 def attention_rows(
     block: nn.Module,
-    rotary_emb: nn.Module,
+    rotary_emb: nn.Module | Callable,
     x: torch.Tensor,
     pos: torch.Tensor,
     key_valid: torch.Tensor,
@@ -53,7 +53,9 @@ def attention_rows(
 ) -> torch.Tensor:
     """Head-mean softmax attention of decoder layer ``block`` from rows ``query_pos`` onto every token, (B, R, L).
 
-    ``x`` (B, L, D): the hidden states entering the layer; ``pos`` (B, L) their RoPE positions;
+    ``rotary_emb``: the decoder's rotary embedding, or a family adapter's ``rope`` (which takes its position
+    form). ``x`` (B, L, D): the hidden states entering the layer; ``pos`` (B, L) their RoPE positions ((B, L, 3)
+    M-RoPE ids with an adapter's ``rope``);
     ``key_valid`` (B, L) the keys a query may see (causality is added: a query sees keys at or before
     its own row); ``query_pos``/``query_valid`` (B, R) from :func:`query_rows` (rows of invalid queries
     hold harmless values). ``keys``: the layer's ``k_proj`` output on ``x`` when captured already, else
@@ -66,7 +68,7 @@ def attention_rows(
         keys = attn.k_proj(block.input_layernorm(x))
     rows = gather_rows(x, query_pos)
     q = attn.q_proj(block.input_layernorm(rows)).view(B, R, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = rotary_emb(q, torch.gather(pos, 1, query_pos))
+    cos, sin = rotary_emb(q, gather_rows(pos, query_pos))
     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
     k = rope_keys(rotary_emb, keys, pos, attn.head_dim)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -115,7 +117,7 @@ def previous_layer_keys(state: "PruneState") -> torch.Tensor:
     block = state.adapter.lm.layers[idx]
     if k is None:
         k = block.self_attn.k_proj(block.input_layernorm(x))
-    return rope_keys(state.adapter.lm.rotary_emb, k, state.seq.pos, block.self_attn.head_dim)
+    return rope_keys(state.adapter.rope, k, state.seq.pos, block.self_attn.head_dim)
 
 
 def llm_attention(state: "PruneState", queries: str | torch.Tensor, layer: str) -> torch.Tensor:
@@ -124,7 +126,7 @@ def llm_attention(state: "PruneState", queries: str | torch.Tensor, layer: str) 
     idx, x, k = _layer_inputs(state, layer)
     qpos, qvalid = query_rows(_query_mask(state, queries))
     logmask = None if seq.keep_prob is None else torch.log(seq.keep_prob.float() + state.soft_eps)
-    probs = attention_rows(lm.layers[idx], lm.rotary_emb, x, seq.pos, seq.valid, qpos, qvalid, k, logmask)
+    probs = attention_rows(lm.layers[idx], state.adapter.rope, x, seq.pos, seq.valid, qpos, qvalid, k, logmask)
     probs = torch.where(qvalid[..., None], probs, 0).sum(1) / qvalid.sum(1, keepdim=True).clamp_min(1)
     out = torch.gather(probs, 1, state.visual_pos)
     return out.masked_fill(~state.visual_valid, 0).to(x.dtype)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import LlavaAdapter
+from .families import adapter_for
 from .hooks import Capture, Hooks
 from .loop import CacheLayout
 from .masks import mask_kind
@@ -52,7 +52,7 @@ class Engine:
     def __init__(self, model: nn.Module, pruners: list[Any], mode: str = "hard", soft_eps: float = 1e-6) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.adapter = LlavaAdapter(model)
+        self.adapter = adapter_for(model)
         self.model = model
         self.pruners = list(pruners)
         self.mode = mode
@@ -69,6 +69,7 @@ class Engine:
                 "copy.deepcopy(pruner)) to apply the same method twice."
             )
         for p in protocol:
+            self.adapter.check_needs(p)  # a family without the signal it reads: refused by name
             p.prepare(self.adapter)
         self._protocol = protocol
         self.sites = site_table(protocol, self.adapter)  # layer -> [(pruner, site)]

@@ -25,7 +25,7 @@ from .cache import refuse_continuous_batching
 from .inputs import follow_expansion, generated_image_tokens, visual_rows
 from .loop import lm_forward
 from .outputs import causal_lm_loss
-from .vision import VisionCapture, stack_tiles
+from .vision import VisionCapture
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Engine
@@ -142,6 +142,7 @@ class Hooks:
         embeds = kwargs.get("inputs_embeds")
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         pixels = kwargs.get("pixel_values")
+        a.check_inputs(kwargs)
         images = encoded is not None or (pixels is not None and pixels.numel() > 0)
         c.input_ids, c.generated = ids, None
         c.visual = visual_rows(a.image_token_id, a.lm.embed_tokens, ids, embeds, images)
@@ -180,6 +181,7 @@ class Hooks:
     def _wrap_image_features(self, original: Any) -> Any:
         sites = self.engine.sites
         wants_vision = 0 in sites and any(s == "vision" for _, s in sites[0])
+        wants_vision = wants_vision and bool(self.engine.adapter.signals)  # a tower with signals to read
         signature = inspect.signature(original)
 
         @functools.wraps(original)  # generate() inspects the signature to pre-encode images
@@ -187,22 +189,11 @@ class Hooks:
             if wants_vision:  # keep every vision hidden state, not only the projector's input
                 kwargs["output_hidden_states"] = True
             out = original(*args, **kwargs)
-            feats = out.pooler_output
-            n_feats = sum(int(f.shape[0]) if f.dim() == 2 else int(f.shape[0] * f.shape[1]) for f in feats)
-            if self.capture.visual is not None:
-                self._check_image_tokens(self.capture.visual, n_feats)
             bound = signature.bind_partial(*args, **kwargs).arguments
-            sizes = bound.get("image_sizes")
-            tiles = self.engine.adapter.tiles_per_image(sizes) if self.engine.adapter.is_next else [1] * len(feats)
-            self.capture.vision = VisionCapture(
-                n_features=n_feats,
-                hidden_states=out.hidden_states if wants_vision else None,
-                n_tiles=out.hidden_states[0].shape[0] if wants_vision else 0,
-                image_sizes=sizes,
-                features=list(feats),
-                tiles=tiles,
-                pixels=stack_tiles(bound.get("pixel_values"), tiles) if wants_vision else None,
-            )
+            vision: VisionCapture = self.engine.adapter.vision_capture(out, bound, wants_vision)  # the family's record
+            if self.capture.visual is not None:
+                self._check_image_tokens(self.capture.visual, vision.n_features)
+            self.capture.vision = vision
             return out
 
         return get_image_features

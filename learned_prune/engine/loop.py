@@ -115,11 +115,11 @@ def lm_forward(
 def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs,
             recorder: Recorder) -> tuple[torch.Tensor, CacheLayout]:
     """Run every decoder layer on the prompt, applying the sites; record the key layouts for decoding."""
-    lm, capture = engine.adapter.lm, engine.capture
+    adapter, capture = engine.adapter, engine.capture
+    lm = adapter.lm
     B, q = embeds.shape[:2]
     device = embeds.device
-    pos = torch.arange(q, device=device)[None].expand(B, q) if position_ids is None \
-        else position_ids.to(device).expand(B, q)
+    pos = adapter.prefill_positions(position_ids, B, q, device)  # (B, q), or (B, q, 3) M-RoPE ids
     visual = capture.visual
     if visual is None or visual.shape != (B, q):
         if engine.sites:
@@ -129,7 +129,7 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
     if capture.generated is not None:  # <image> ids generated after the prompt (use_cache=False): text, as cached
         token = lm.embed_tokens(torch.full((), engine.adapter.image_token_id, device=device))
         embeds = torch.where(capture.generated.to(device)[..., None], token.to(embeds.dtype), embeds)
-    rank = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(pos, -1))
+    rank = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(visual, -1, dtype=torch.long))
     seq = TokenSequence(hidden=embeds, pos=pos, valid=valid, visual_rank=rank, n_visual_original=visual.sum(1))
     answer = capture.answer_mask()
     if answer is not None and answer.shape == (B, q):  # teacher-forced: mark the answer
@@ -140,7 +140,7 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
     layout = KeyLayout(valid=seq.valid, logmask=None, offset=zeros, next_pos=zeros, rows=engine.output_index,
                        n_prompt=q)
     record = CacheLayout(cache=weakref.ref(cache) if cache is not None else None, layouts=[layout])
-    rope = lm.rotary_emb(embeds, seq.pos)
+    rope = adapter.rope(embeds, seq.pos)
     kind = mask_kind(lm.config._attn_implementation, engine.mode)  # the mask this attention takes
     mask = build_mask(seq.valid, None, q, embeds.dtype, kind)
     capture.keys.clear()
@@ -156,11 +156,12 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
             layout = KeyLayout(valid=seq.valid, logmask=logmask, offset=offset, next_pos=zeros,
                                rows=torch.arange(L, device=device)[None].expand(B, L), n_prompt=L)
             record.layouts.append(layout)
-            rope = lm.rotary_emb(seq.hidden, seq.pos)
+            rope = adapter.rope(seq.hidden, seq.pos)
             mask = build_mask(seq.valid, logmask, L, seq.hidden.dtype, kind)
         record.layer_layout.append(len(record.layouts) - 1)
         seq.prev_input = seq.hidden
-        seq.hidden = layer(seq.hidden, attention_mask=mask, position_ids=seq.pos, past_key_values=cache,
+        seq.hidden = layer(seq.hidden, attention_mask=mask, position_ids=adapter.layer_position_ids(seq.pos),
+                           past_key_values=cache,
                            use_cache=use_cache, position_embeddings=rope, **kwargs)
         recorder.add_hidden(seq.hidden, len(record.layouts) - 1)
         seq.prev_keys = capture.keys.pop(i, None)
@@ -172,7 +173,8 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
             state = _state(engine, f"llm:{i + 1}", i + 1, seq)
             for p in engine.observers[i]:
                 p.observe(i, trace, state)
-    last_pos = torch.where(seq.valid, seq.pos, torch.full_like(seq.pos, -1)).amax(1) + 1
+    scalar = seq.pos if seq.pos.dim() == 2 else seq.pos.amax(-1)  # M-RoPE: the largest of a token's ids
+    last_pos = torch.where(seq.valid, scalar, torch.full_like(scalar, -1)).amax(1) + 1
     for g in record.layouts:
         g.next_pos = last_pos + (layout.offset - g.offset)
     engine.cache_layout = record if use_cache else None
@@ -186,7 +188,8 @@ def prefill(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwa
 def decode(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwargs,
            recorder: Recorder) -> tuple[torch.Tensor, CacheLayout]:
     """One decoding step (or several tokens) on the cache a prefill under this engine filled."""
-    lm = engine.adapter.lm
+    adapter = engine.adapter
+    lm = adapter.lm
     record = engine.cache_layout
     if record is None or record.cache is None or record.cache() is not cache:
         raise RuntimeError(
@@ -197,14 +200,16 @@ def decode(engine: "Engine", embeds, valid, position_ids, cache, use_cache, kwar
     ar = torch.arange(q, device=embeds.device)[None]
     kind = mask_kind(lm.config._attn_implementation, engine.mode)
     per_layout = []
+    given = adapter.step_positions(position_ids, B, q, embeds.device)  # (B, q) positions of the new tokens
     for g in record.layouts:
-        pos = (position_ids.to(embeds.device).expand(B, q) - g.offset[:, None]) if position_ids is not None \
-            else g.next_pos[:, None] + ar
+        pos = (given - g.offset[:, None]) if given is not None else g.next_pos[:, None] + ar
         g.next_pos = pos[:, -1] + 1
         g.valid = torch.cat([g.valid, valid], 1)
         if g.logmask is not None:
             g.logmask = torch.cat([g.logmask, torch.zeros_like(valid, dtype=g.logmask.dtype)], 1)
-        per_layout.append((pos, lm.rotary_emb(embeds, pos), build_mask(g.valid, g.logmask, q, embeds.dtype, kind)))
+        full = adapter.from_scalar(pos)
+        per_layout.append((adapter.layer_position_ids(full), adapter.rope(embeds, full),
+                           build_mask(g.valid, g.logmask, q, embeds.dtype, kind)))
     hidden = embeds
     recorder.add_hidden(hidden, 0)
     for i, layer in enumerate(lm.layers):
@@ -241,7 +246,10 @@ def run_sites(
             kept = torch.gather(seq.keep_prob, 1, vpos).masked_fill(~vvalid, 0)
             engine.kept_tokens[site] = kept.sum(1)
         else:
-            seq, index, removed = hard_gather(seq, vpos, vvalid, sel, pruner.repacks(site), engine.adapter.project)
+            repack = pruner.repacks(site)
+            if engine.adapter.mrope and getattr(pruner, "repack_positions", None) is None:
+                repack = False  # M-RoPE: kept tokens keep their ids unless the pruner asks (families/qwen2_5_vl.py)
+            seq, index, removed = hard_gather(seq, vpos, vvalid, sel, repack, engine.adapter.project)
             engine.output_index = torch.gather(engine.output_index, 1, index)
             rows = torch.gather(rows, 1, index)
             offset = offset + removed

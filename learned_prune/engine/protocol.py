@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapter import LlavaAdapter
+    from .families import FamilyAdapter
     from .selection import LayerTrace, Selection
     from .state import PruneState
 
@@ -33,12 +33,13 @@ class PrunerProtocol:
 
     site: str = "vision"
     repack_positions: bool | None = None
+    needs: tuple[str, ...] = ()  # signals beyond the LLM's (families.NEEDS); a family without one refuses the pruner
 
-    def sites(self, adapter: "LlavaAdapter") -> list[str]:
+    def sites(self, adapter: "FamilyAdapter") -> list[str]:
         """The sites this pruner acts at."""
         return [self.site]
 
-    def prepare(self, adapter: "LlavaAdapter") -> None:
+    def prepare(self, adapter: "FamilyAdapter") -> None:
         """Check the pruner fits the backbone (called when the engine is built). Raise with what to change."""
 
     def select(self, state: "PruneState") -> "Selection":  # pragma: no cover - abstract
@@ -47,18 +48,19 @@ class PrunerProtocol:
 
     def repacks(self, site: str) -> bool:
         """Whether the tokens kept at ``site`` get contiguous positions: ``repack_positions``, else the
-        site's default (re-pack at ``vision``, keep the original RoPE ids inside the LLM)."""
+        site's default (re-pack at ``vision``, keep the original RoPE ids inside the LLM; on a multimodal-RoPE
+        family the engine keeps them at every site unless ``repack_positions`` is set)."""
         return (site == "vision") if self.repack_positions is None else bool(self.repack_positions)
 
-    def observe_layers(self, adapter: "LlavaAdapter") -> list[int]:
+    def observe_layers(self, adapter: "FamilyAdapter") -> list[int]:
         """Decoder layers (0-based) after which :meth:`observe` is called; none by default."""
         return []
 
     def observe(self, layer: int, trace: "LayerTrace", state: "PruneState") -> None:
         """Called after decoder layer ``layer`` ran, with what it did (``trace``) and the sequence it ran on."""
 
-    def attach(self, adapter: "LlavaAdapter") -> None:
+    def attach(self, adapter: "FamilyAdapter") -> None:
         """Install extra parts on the model (e.g. a head's LoRA adapters) when the engine is entered."""
 
-    def release(self, adapter: "LlavaAdapter") -> None:
+    def release(self, adapter: "FamilyAdapter") -> None:
         """Remove what :meth:`attach` installed; called on exit, also after an exception."""

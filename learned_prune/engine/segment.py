@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import LlavaAdapter
+from .families import adapter_for
 from .masks import build_mask, mask_kind
 from .tokens import compact_index, gather_rows
 
@@ -45,12 +45,12 @@ def run_layers(
 
     ``valid`` (B, L): real rows (False on padding). ``keep`` (B, L), optional: the rows to run (the
     others are dropped before layer ``start``, as a hard prune there would; padding is always dropped).
-    ``position_ids`` (B, L): RoPE positions of the input rows; default: a row's index in the input
-    sequence, as in a plain forward without position ids. ``final_norm``: apply the LLM's final norm
+    ``position_ids`` (B, L): RoPE positions of the input rows (a multimodal-RoPE family also takes HF's
+    (3, B, L) ids); default: a row's index in the input sequence, as in a plain forward without position ids. ``final_norm``: apply the LLM's final norm
     to the output (then ``model.lm_head(out.hidden)`` gives the logits). ``end`` defaults to the depth.
     Runs under the caller's grad mode; the model needs no engine installed.
     """
-    adapter = LlavaAdapter(model)
+    adapter = adapter_for(model)
     lm = adapter.lm
     end = adapter.num_layers if end is None else end
     if not 0 <= start <= end <= adapter.num_layers:
@@ -58,11 +58,12 @@ def run_layers(
     rows = valid.bool() if keep is None else valid.bool() & keep.bool()
     index, slot_valid = compact_index(rows)
     h = gather_rows(hidden, index)
-    pos = index if position_ids is None else torch.gather(position_ids.to(index.device).expand_as(rows), 1, index)
+    B, L = rows.shape
+    pos = gather_rows(adapter.prefill_positions(position_ids, B, L, index.device), index)
     kind = mask_kind(lm.config._attn_implementation, "hard")
     mask = build_mask(slot_valid, None, h.shape[1], h.dtype, kind)
-    rope = lm.rotary_emb(h, pos)
+    rope = adapter.rope(h, pos)
     for block in lm.layers[start:end]:
-        h = block(h, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,
-                  position_embeddings=rope)
+        h = block(h, attention_mask=mask, position_ids=adapter.layer_position_ids(pos), past_key_values=None,
+                  use_cache=False, position_embeddings=rope)
     return SegmentOutput(hidden=lm.norm(h) if final_norm else h, index=index, valid=slot_valid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapter import LlavaAdapter
+    from .families import FamilyAdapter
     from .protocol import PrunerProtocol
 
 
@@ -27,7 +27,7 @@ def parse_site(site: str, num_layers: int) -> int:
 
 
 def site_table(
-    pruners: list["PrunerProtocol"], adapter: "LlavaAdapter"
+    pruners: list["PrunerProtocol"], adapter: "FamilyAdapter"
 ) -> dict[int, list[tuple["PrunerProtocol", str]]]:
     """Decoder layer -> the (pruner, site) pairs acting before it, in the pruners' order; the vision site
     acts before any ``llm:0`` pruner."""
@@ -40,7 +40,7 @@ def site_table(
     return sites
 
 
-def observer_table(pruners: list["PrunerProtocol"], adapter: "LlavaAdapter") -> dict[int, list["PrunerProtocol"]]:
+def observer_table(pruners: list["PrunerProtocol"], adapter: "FamilyAdapter") -> dict[int, list["PrunerProtocol"]]:
     """Decoder layer -> the pruners that watch it run (``observe_layers``)."""
     n = adapter.num_layers
     observers: dict[int, list["PrunerProtocol"]] = {}

@@ -16,7 +16,7 @@ from .selection import LayerTrace, Selection
 from .tokens import gather_rows
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapter import LlavaAdapter
+    from .families import FamilyAdapter
     from .tokens import TokenSequence
     from .vision import ImageTiles, VisionCapture
 
@@ -41,7 +41,7 @@ class PruneState:
     layer: int
     mode: str
     seq: "TokenSequence"
-    adapter: "LlavaAdapter"
+    adapter: "FamilyAdapter"
     visual_pos: torch.Tensor  # (B, Nv) positions of visual tokens in the current sequence (0 where invalid)
     visual_valid: torch.Tensor  # (B, Nv) bool
     vision: "VisionCapture | None" = None
@@ -103,8 +103,13 @@ class PruneState:
 
     @property
     def image_grid(self) -> tuple[int, int]:
-        """(rows, cols) of one image's base patch grid (LLaVA-NeXT: the global view)."""
-        return self.adapter.patch_grid
+        """(rows, cols) of one image's base patch grid (LLaVA-NeXT: the global view); a family whose images
+        have grids of their own sizes (Qwen-VL) has none and raises."""
+        grid = getattr(self.adapter, "patch_grid", None)
+        if grid is None:
+            raise ValueError(f"a {self.adapter.family} backbone encodes each image on a grid of its own size: there "
+                             "is no single image grid (read the per-token grid_coords instead)")
+        return grid
 
     @property
     def any_resolution(self) -> bool:
@@ -121,8 +126,7 @@ class PruneState:
 
     def vision_post_layernorm(self, features: torch.Tensor) -> torch.Tensor:
         """The vision tower's final ``post_layernorm`` applied to features (..., Dv)."""
-        tower = self.adapter.vision_tower
-        return getattr(tower, "vision_model", tower).post_layernorm(features)
+        return self.adapter.post_layernorm(features)
 
     # ---- LLM signals computed on demand --------------------------------------------------
     def attention(self, queries: str | torch.Tensor = "last", layer: str = "previous") -> torch.Tensor:

@@ -18,7 +18,7 @@ class TokenSequence:
     """
 
     hidden: torch.Tensor  # (B, L, D)
-    pos: torch.Tensor  # (B, L) RoPE position ids
+    pos: torch.Tensor  # (B, L) RoPE position ids; (B, L, 3) on a multimodal-RoPE family (families/)
     valid: torch.Tensor  # (B, L) bool
     visual_rank: torch.Tensor  # (B, L) long
     n_visual_original: torch.Tensor  # (B,)

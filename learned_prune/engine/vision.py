@@ -52,6 +52,9 @@ def tile_pixels(state: "PruneState") -> torch.Tensor:
 def _vision(state: "PruneState") -> VisionCapture:
     if state.site != "vision":
         raise ValueError(f"vision-tower signals are only available at the 'vision' site, not {state.site}")
+    if not state.adapter.signals:
+        raise ValueError(f"the vision tower of a {state.adapter.family} backbone gives no signals to pruners: "
+                         f"{state.adapter.no_signal}")
     if state.vision is None:
         raise ValueError("no image was encoded in this forward pass: vision signals need pixel_values")
     return state.vision

@@ -34,6 +34,7 @@ class BAViTHead(LearnedHead):
     """A small ViT over the patch embeddings with a per-token foreground/background classifier."""
 
     method = "bavit"
+    needs = ("vision_grid",)  # reads pre-projector patch features of one square grid (docs/families.md)
     display_name = "BAViT"
     adaptive = True  # the threshold sets the kept count per image
     accepts_keep = True  # ... but a budget `keep` may replace it at inference

@@ -115,6 +115,7 @@ class CDPruner(Pruner):
     """
 
     site: str = "vision"
+    needs = ("vision_grid",)  # refused on a family whose tower lacks it (docs/families.md)
     relevance: str = "auto"
     theta: float | None = None
     negate: bool | None = None

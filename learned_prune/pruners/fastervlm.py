@@ -63,6 +63,7 @@ class FasterVLM(TileScorePruner):
     """
 
     site: str = "vision"
+    needs = ("vision_cls",)  # refused on a family whose tower lacks it (docs/families.md)
     vision_layer: int = -2
     next_layout: str = "official"
 

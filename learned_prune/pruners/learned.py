@@ -33,16 +33,9 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def backbone_signature(adapter: Any) -> dict[str, Any]:
-    """The sizes a head depends on, recorded at export and checked at load."""
-    tc, vc = adapter.text_config, adapter.vision_config
-    return {
-        "text_hidden_size": tc.hidden_size,
-        "num_hidden_layers": tc.num_hidden_layers,
-        "num_attention_heads": tc.num_attention_heads,
-        "vision_hidden_size": vc.hidden_size,
-        "image_size": vc.image_size,
-        "patch_size": vc.patch_size,
-    }
+    """The family and sizes a head depends on, recorded at export and checked at load (the family adapter's
+    ``signature()``: a head refuses a backbone of another family by name)."""
+    return adapter.signature()
 
 
 _MISSING = object()

@@ -42,6 +42,7 @@ class PoolPruner(Pruner):
     """
 
     site: str = "vision"
+    needs = ("vision_grid",)  # refused on a family whose tower lacks it (docs/families.md)
 
     def select(self, state: PruneState) -> Selection:
         if state.site != "vision":

@@ -34,6 +34,7 @@ class ToMe(MergingPruner):
     """
 
     site: str = "vision"
+    needs = ("vision_grid",)  # refused on a family whose tower lacks it (docs/families.md)
     mode = "wavg"  # class constants (not fields): how merged tokens average, and the step sizes
     aim_schedule = False
 

@@ -46,6 +46,7 @@ class VisionZip(Pruner):
     """
 
     site: str = "vision"
+    needs = ("vision_cls",)  # refused on a family whose tower lacks it (docs/families.md)
     dominant: int | None = None
 
     def select(self, state: PruneState) -> Selection:

@@ -35,6 +35,7 @@ class VTCCLS(TileScorePruner):
     """
 
     site: str = "vision"
+    needs = ("vision_cls",)  # refused on a family whose tower lacks it (docs/families.md)
     start_layer: int | None = None
     next_layout: str = "official"
 
