@@ -57,9 +57,8 @@ def test_eval_config_runs_a_tiny_grid_and_writes_records_table_and_plot(tmp_path
                                                                         for r in records]
 
 
-def test_default_grid_runs_the_test_and_hard_splits_into_one_results_file(tmp_path):
-    assert list(_compose_eval(tmp_path).data.eval_split) == ["test", "hard"]
-    records = evaluate(_compose_eval(tmp_path, *TINY_GRID[:-1], "methods=[none]"))
+def test_a_list_of_splits_runs_each_into_one_results_file(tmp_path):
+    records = evaluate(_compose_eval(tmp_path, *TINY_GRID[:-1], "methods=[none]", "data.eval_split=[test,hard]"))
     assert sorted(r["dataset"] for r in records) == ["shapesvqa:hard", "shapesvqa:test"]
     hard = ShapesVQADataset("hard", size=4)
     assert all(len(hard[i]["objects"]) >= 6 for i in range(4))  # the hard split's crowded scenes

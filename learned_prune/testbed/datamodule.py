@@ -19,7 +19,8 @@ def _as_list(samples: list) -> list:
 
 
 class ShapesVQADataModule(pl.LightningDataModule):
-    """Train / val / test (``eval_split``: ``test`` or the shifted ``shift``) loaders over ShapesVQA.
+    """Train / val / test (``eval_split``: ``test``, ``hard``, the shifted ``shift`` or ``val``) loaders over ShapesVQA
+    scenes (``scenes``: ``redundant`` or the earlier ``sparse``, see :class:`ShapesVQADataset`).
 
     With a ``processor`` batches are model inputs (:class:`VQACollator`); without one they are lists
     of raw sample dicts. Training order is seeded (``seed``), so runs are reproducible.
@@ -40,6 +41,7 @@ class ShapesVQADataModule(pl.LightningDataModule):
         prompt_template: str = "USER: <image>\n{question} ASSISTANT:",
         eval_split: str = "test",
         question_weights: dict[str, float] | None = None,
+        scenes: str = "sparse",
     ) -> None:
         super().__init__()
         if eval_split not in ("test", "hard", "shift", "val"):
@@ -49,7 +51,7 @@ class ShapesVQADataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
-        common = dict(seed=seed, image_size=image_size, patch_size=patch_size,
+        common = dict(seed=seed, image_size=image_size, patch_size=patch_size, scenes=scenes,
                       question_weights=dict(question_weights) if question_weights else None)
         self.train_set = ShapesVQADataset("train", train_size, **common)
         self.val_set = ShapesVQADataset("val", val_size, **common)

@@ -16,6 +16,7 @@ COLORS = {
     "cyan": (40, 210, 220),
 }
 SIZES = {"small": 0.12, "large": 0.19}  # radius as a fraction of the image side: objects span 6-16 patches
+SPARSE_SIZES = {"small": 0.09, "large": 0.15}  # the earlier, sparser scenes (scenes="sparse")
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Scenes hold several textured, coloured shapes of two sizes (each spanning several patches, so
 neighbouring tokens are redundant as in real images), some overlapping, among grey distractor blobs
 on textured backgrounds. The ``hard`` split holds many objects and asks about one of them, so that a
-small token budget cannot cover every object and *which* tokens survive decides the answer. Questions (attribute, count, existence,
+small token budget cannot cover every object and *which* tokens survive decides the answer. These are
+``scenes="redundant"``; ``scenes="sparse"`` draws the earlier scenes (fewer, smaller, flat objects). Questions (attribute, count, existence,
 relative position) have one-word answers and refer to different objects, so *which* visual tokens
 matter depends on the question — the property visual-token pruning methods are judged on. Each
 sample also carries a per-patch foreground mask, per-patch object labels and object boxes (for
@@ -17,14 +18,14 @@ one 96x96 sample takes about 1 ms on one core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .draw import COLORS, SHAPES, SIZES, background, clutter, shape_mask, texture
+from .draw import COLORS, SHAPES, SIZES, SPARSE_SIZES, background, clutter, shape_mask, texture
 
 COLOR_NAMES = list(COLORS)
 SIZE_NAMES = list(SIZES)
@@ -42,22 +43,30 @@ HARD_WEIGHTS = {"color": 0.3, "shape": 0.3, "size": 0.2, "exist": 0.2}  # questi
 
 @dataclass(frozen=True)
 class SceneStyle:
-    """How a split's scenes are drawn: object count range, object scale, distractor count range."""
+    """How a split's scenes are drawn: object count range, object scale, distractor count range,
+    object radii per size name, textured objects (else a faint per-pixel shade)."""
 
     min_objects: int
     max_objects: int
     scale: float
     min_clutter: int = 2
     max_clutter: int = 5
+    sizes: tuple = tuple(SIZES.items())
+    textured: bool = True
 
 
-STYLES = {
-    "default": SceneStyle(2, 6, 1.0),
-    "hard": SceneStyle(6, 9, 0.75),
-    "shift": SceneStyle(4, 8, 0.6),
+_SPARSE = dict(min_clutter=0, max_clutter=0, sizes=tuple(SPARSE_SIZES.items()), textured=False)
+SCENES = {
+    # objects spanning many patches, textured, among distractors; a crowded hard split
+    "redundant": {"default": SceneStyle(2, 6, 1.0), "hard": SceneStyle(6, 9, 0.75), "shift": SceneStyle(4, 8, 0.6)},
+    # the earlier scenes (backbones shipped before 2026-12-04 were trained on them): fewer, smaller,
+    # flat objects, no distractors; its hard split is the same crowding of its own objects
+    "sparse": {"default": SceneStyle(2, 5, 1.0, **_SPARSE), "hard": SceneStyle(6, 9, 0.8, **_SPARSE),
+               "shift": SceneStyle(4, 8, 0.7, **_SPARSE)},
 }
-# train draws hard-style scenes this often, so the backbone knows crowded scenes; val/test never do
-TRAIN_HARD_SHARE = 0.3
+# redundant scenes: train draws hard-style scenes this often, so the backbone knows crowded scenes;
+# val/test never do (sparse scenes never mix)
+TRAIN_HARD_SHARE = {"redundant": 0.3, "sparse": 0.0}
 # prompt template words, question words, attribute names, plurals, numbers, answers
 VOCAB = sorted(
     {"user", "assistant", ":", "?", "what", "color", "shape", "size", "is", "the", "object", "how", "many",
@@ -79,9 +88,11 @@ class Obj:
         return f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
 
 
-def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale: float, n_clutter: int = 0):
+def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale: float, n_clutter: int = 0,
+               sizes: dict[str, float] | None = None, textured: bool = True):
     """Place and draw ``n_objects`` objects over ``n_clutter`` distractors; returns (image uint8 HxWx3,
-    objects, owner map)."""
+    objects, owner map). ``sizes``: radius per size name as a fraction of the side (default ``SIZES``)."""
+    sizes = sizes or SIZES
     img = background(rng, image_size)
     clutter(rng, img, n_clutter)
     owner = np.full((image_size, image_size), -1, dtype=np.int16)
@@ -89,7 +100,7 @@ def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale:
     for _ in range(n_objects):
         for _attempt in range(60):
             size = SIZE_NAMES[rng.integers(len(SIZE_NAMES))]
-            r = SIZES[size] * image_size * scale
+            r = sizes[size] * image_size * scale
             cx, cy = rng.uniform(r + 1, image_size - r - 1, size=2)
             # partial overlaps allowed, but every object stays mostly visible
             if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 >= (0.85 * (r + o.r)) ** 2 for o in objects):
@@ -99,7 +110,8 @@ def draw_scene(rng: np.random.Generator, image_size: int, n_objects: int, scale:
         obj = Obj(SHAPES[rng.integers(len(SHAPES))], COLOR_NAMES[rng.integers(len(COLOR_NAMES))], size, cx, cy, r)
         mask = shape_mask(obj.shape, cx, cy, r, image_size)
         rgb = np.array(COLORS[obj.color], dtype=np.float64) + rng.normal(0, 8, size=3)
-        img[mask] = rgb[None, :] * texture(rng, image_size)[mask][:, None]
+        shade = texture(rng, image_size) if textured else 1 + 0.08 * rng.standard_normal(mask.shape)
+        img[mask] = rgb[None, :] * shade[mask][:, None]
         owner[mask] = len(objects)
         objects.append(obj)
     return np.clip(img, 0, 255).astype(np.uint8), objects, owner
@@ -176,7 +188,9 @@ class ShapesVQADataset(Dataset):
     ``test``/``val``: 2-6 objects; ``hard``: 6-9 smaller objects and questions about one of them
     (colour, shape, size, existence); ``train``: test-style scenes with a share of hard-style ones;
     ``shift``: 4-8 still smaller objects, never trained on. ``min_objects``, ``max_objects`` and
-    ``object_scale`` override the split's style.
+    ``object_scale`` override the split's style. ``scenes``: ``"redundant"`` (the description above)
+    or ``"sparse"``, the earlier scenes, exactly (2-5 small flat objects, no distractors; what the
+    shipped backbone was trained on, hence still the default until a redundant-scenes backbone ships).
 
     Items are dicts: ``image`` (uint8 HxWx3), ``question``, ``answer``, ``qtype``, ``patch_mask``
     (bool, grid*grid), ``patch_labels`` (long, colour*5+shape of the object covering most of each
@@ -205,6 +219,7 @@ class ShapesVQADataset(Dataset):
         object_scale: float | None = None,
         question_weights: dict[str, float] | None = None,
         fg_threshold: float = 0.25,
+        scenes: str = "sparse",
     ) -> None:
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"split must be one of {list(SPLIT_OFFSETS)}, got {split!r}")
@@ -214,11 +229,16 @@ class ShapesVQADataset(Dataset):
         self.size = size if size is not None else {"train": 100_000, "val": 512}.get(split, 1000)
         self.split_seed = seed * 1000 + SPLIT_OFFSETS[split]
         self.image_size, self.patch_size = image_size, patch_size
-        self.styles = [STYLES[split if split in STYLES else "default"]]
-        if split == "train":
-            self.styles.append(STYLES["hard"])
-        self.styles = [SceneStyle(min_objects or st.min_objects, max_objects or st.max_objects,
-                                  object_scale or st.scale, st.min_clutter, st.max_clutter) for st in self.styles]
+        if scenes not in SCENES:
+            raise ValueError(f"scenes must be one of {list(SCENES)}, got {scenes!r}")
+        self.scenes = scenes
+        styles = SCENES[scenes]
+        self.styles = [styles[split if split in styles else "default"]]
+        self.hard_share = TRAIN_HARD_SHARE[scenes] if split == "train" else 0.0
+        if self.hard_share:
+            self.styles.append(styles["hard"])
+        self.styles = [replace(st, min_objects=min_objects or st.min_objects, max_objects=max_objects or st.max_objects,
+                               scale=object_scale or st.scale) for st in self.styles]
         weights = question_weights or (HARD_WEIGHTS if split == "hard" else DEFAULT_WEIGHTS)
         unknown = set(weights) - set(QUESTION_TYPES)
         if unknown:
@@ -235,11 +255,13 @@ class ShapesVQADataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = np.random.default_rng([self.split_seed, index])
-        style = self.styles[int(len(self.styles) > 1 and rng.random() < TRAIN_HARD_SHARE)]
+        style = self.styles[int(self.hard_share > 0 and rng.random() < self.hard_share)]
         while True:
             n = int(rng.integers(style.min_objects, style.max_objects + 1))
-            clutter = int(rng.integers(style.min_clutter, style.max_clutter + 1))
-            image, objects, owner = draw_scene(rng, self.image_size, n, style.scale, clutter)
+            # (no draw when a style has no distractors: sparse scenes reproduce their earlier images exactly)
+            clutter = int(rng.integers(style.min_clutter, style.max_clutter + 1)) if style.max_clutter else 0
+            image, objects, owner = draw_scene(rng, self.image_size, n, style.scale, clutter, dict(style.sizes),
+                                               style.textured)
             qtype = self.qtypes[rng.choice(len(self.qtypes), p=self.qprobs)]
             qa = ask(rng, objects, qtype)
             if qa is not None and objects:
