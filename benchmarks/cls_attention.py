@@ -54,12 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default=str(ROOT / "checkpoints" / "tiny-llava-shapes"))
     p.add_argument("--split", default="test")
+    p.add_argument("--scenes", default="sparse", help="ShapesVQA scenes: sparse (the shipped backbone's) or redundant")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     model, processor = load_backbone(a.backbone)
-    data = ShapesVQADataset(a.split, size=a.samples)
+    data = ShapesVQADataset(a.split, size=a.samples, scenes=a.scenes)
     items = [data[i] for i in range(a.samples)]
     rows = cls_attention_shares(model, processor, items, a.k)
     base = {"on_objects": float(torch.stack([s["patch_mask"] for s in items]).float().mean()),

@@ -53,7 +53,8 @@ def testbed_relative(args: argparse.Namespace, methods: list[str], keep: float) 
                if r["keep"] in (keep, "all") and r["method"] in methods + ["none"]}
     else:
         model, processor = load_backbone(args.backbone)
-        dm = ShapesVQADataModule(processor, eval_batch_size=100, test_size=args.samples, eval_split=args.split)
+        dm = ShapesVQADataModule(processor, eval_batch_size=100, test_size=args.samples, eval_split=args.split,
+                                 scenes=args.scenes)
         loader = list(dm.test_dataloader())
         options = method_options(ROOT / "configs" / "method")
         acc = {}
@@ -73,21 +74,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reference", default=str(REFERENCE))
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--split", default="test")
+    p.add_argument("--scenes", default="sparse", help="ShapesVQA scenes: sparse (the shipped backbone's) or redundant")
     p.add_argument("--results", default=None, help="an eval.py results.jsonl with keep=0.111 rows (and `none`)")
     p.add_argument("--keep", type=float, default=None,
                    help="the budget ratio (default: the reference's, 64/576 = 0.111; 0.11 also keeps 16 of 144)")
     p.add_argument("--json", default=None, help="write the comparison to this file")
+    p.add_argument("--also", default="pool,downsample",
+                   help="comma-separated registry methods without a reference figure to run and print beside (not counted)")
     a = p.parse_args(argv)
     ref = json.loads(Path(a.reference).read_text())
     keep = a.keep if a.keep is not None else round(ref["budget_tokens"] / ref["of"], 3)
     reference = ref["relative_accuracy"]
     methods = [m for m in reference if m in PRUNERS]
-    out = compare(testbed_relative(a, methods, keep), reference)
-    out.update(keep=keep, reference_model=ref["model"])
+    also = [m for m in (a.also.split(",") if a.also else []) if m and m not in methods]
+    unknown = [m for m in also if m not in PRUNERS]
+    if unknown:
+        raise SystemExit(f"--also names methods the registry lacks: {unknown}; choose from {sorted(PRUNERS)}")
+    testbed = testbed_relative(a, methods + also, keep)
+    out = compare(testbed, reference)
+    out.update(keep=keep, reference_model=ref["model"], also={m: testbed[m] for m in also if m in testbed})
     print(f"\nkeep={keep} of the visual tokens; % of unpruned accuracy")
     print(f"| method | testbed | {ref['model']} (published) |\n|---|---|---|")
     for r in sorted(out["rows"], key=lambda r: -r["reference"]):
         print(f"| {r['method']} | {r['testbed']:.1f} | {r['reference']:.1f} |")
+    for m, v in out["also"].items():
+        print(f"| {m} | {v:.1f} | (no published figure: not counted) |")
     print(f"\nSpearman rank correlation over {len(out['rows'])} methods: {out['spearman']:.2f}")
     if out["missing"]:
         print(f"not in the registry (not counted): {', '.join(out['missing'])}")

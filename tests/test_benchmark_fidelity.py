@@ -38,3 +38,5 @@ def test_fidelity_runs_every_reference_method_the_registry_has(tmp_path):
     assert out["missing"] == sorted(m for m in reference if m not in PRUNERS)
     assert -1.0 <= out["spearman"] <= 1.0
     assert json.loads((tmp_path / "f.json").read_text())["keep"] == 0.111
+    assert set(out["also"]) == {"pool", "downsample"}  # run and printed beside, not counted
+    assert not {"pool", "downsample"} & {r["method"] for r in out["rows"]}
