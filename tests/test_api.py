@@ -188,6 +188,8 @@ HEAD_ARGS = {  # non-default constructor arguments of every head class (sizes of
     "bavit": dict(vision_hidden=64, width=32, depth=1, heads=2, threshold=0.3, min_keep=2, keep=12,
                   repack_positions=True),
     "dyvte": dict(hidden_size=64, num_layers=8, width=32, threshold=[0.6, 0.7, 0.8, 0.9, 0.9, 0.9, 0.9], min_layer=2),
+    "flashsloth": dict(vision_hidden=64, hidden_size=64, grid=12, pool=3, queries=2, heads=2, dropout=0.0),
+    "quecc": dict(vision_hidden=64, hidden_size=64, grid=12, stride=[6, 3], heads=2, levels=[1, 2], vision_layers=3),
 }
 
 
