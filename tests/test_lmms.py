@@ -158,8 +158,9 @@ def process_results(doc, results):
 """
 
 
+@pytest.mark.timeout(1200)  # lmms-eval's start-up imports take minutes on a loaded CPU
 def test_lmms_eval_cli_runs_a_local_task(tmp_path):
-    """lmms-eval's own entry point, on a task the test writes (8 ShapesVQA questions saved as an HF dataset)."""
+    """lmms-eval's own entry point, on a task the test writes (4 ShapesVQA questions saved as an HF dataset)."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installable beside the project's pins (docs/lmms_eval.md)")
     datasets = pytest.importorskip("datasets")
     import json
@@ -167,7 +168,7 @@ def test_lmms_eval_cli_runs_a_local_task(tmp_path):
     import subprocess
     import sys
 
-    docs = _docs(8)
+    docs = _docs(4)
     datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)}).save_to_disk(str(tmp_path / "data"))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
