@@ -89,7 +89,6 @@ def check_training_lowers_the_loss(make: HeadFactory, steps: int = 15) -> None:
         module.training_step(batch, 0).backward()
         optimizer.step()
     end = _answer_loss(module, batch)
-    print(f"answer loss {start:.3f} -> {end:.3f}")
     assert end < start - 0.1, (start, end)
     assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items()), "the frozen backbone changed"
 
