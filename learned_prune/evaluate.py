@@ -140,8 +140,9 @@ def _evaluate_split(cfg: DictConfig, model: Any, processor: Any, data_cfg: dict,
     max_new_tokens = getattr(datamodule, "max_new_tokens", None) or cfg.max_new_tokens
     dataset += ":turns=2" if turns == 2 else ""
     timing = next(iter(datamodule._loader(datamodule.test_set, False, 1)))
-    timing_inputs = {"input_ids": timing["prompt_input_ids"], "attention_mask": timing["prompt_attention_mask"],
-                     "pixel_values": timing["pixel_values"]}
+    from .data.collate import prompt_inputs
+
+    timing_inputs = prompt_inputs(timing)  # the family's image inputs too (Qwen-VL: grid, token types)
     records = run_grid(model, processor, loader, timing_inputs, methods, keeps, dataset, out,
                        config=OmegaConf.to_container(cfg, resolve=True), repeats=cfg.timing.repeats,
                        warmup=cfg.timing.warmup, max_new_tokens=max_new_tokens,

@@ -20,6 +20,19 @@ def image_placeholder(processor: Any) -> str:
     return IMAGE_TEXT.get(token, token)
 
 
+def prompt_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model inputs of a collated batch's prompts alone (for generation and timing): ids, mask, pixels, and
+    the family's image inputs (LLaVA-NeXT ``image_sizes``; Qwen-VL ``image_grid_thw`` and the prompt's
+    ``mm_token_type_ids``, which its M-RoPE positions need)."""
+    inputs = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
+              "pixel_values": batch["pixel_values"]}
+    for key, given in (("image_sizes", "image_sizes"), ("image_grid_thw", "image_grid_thw"),
+                       ("mm_token_type_ids", "prompt_mm_token_type_ids")):
+        if given in batch:
+            inputs[key] = batch[given]
+    return inputs
+
+
 class VQACollator:
     """Collate sample dicts (``image``, ``question``, ``answer``, ...) into model inputs.
 

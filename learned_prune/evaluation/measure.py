@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..engine import parse_site
+from ..engine.adapter import adapter_for
 from .flops import prefill_flops
 
 
@@ -41,12 +42,10 @@ def analytic_flops(model: torch.nn.Module, n_text: int, n_visual: int, kept: dic
     tc, vc = model.config.text_config, model.config.vision_config
     n_layers = tc.num_hidden_layers
     per_layer = {parse_site(s, n_layers): round(k) for s, k in kept.items()}
-    grid = (vc.image_size // vc.patch_size) ** 2
-    tiles = max(1, round(n_visual / grid))
     f = prefill_flops(
         n_text, n_visual, per_layer, num_layers=n_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,
         vision_layers=vc.num_hidden_layers, vision_hidden=vc.hidden_size, vision_intermediate=vc.intermediate_size,
-        vision_tokens=tiles * (grid + 1),
+        vision_tokens=adapter_for(model).vision_tokens(n_visual),  # the family's tower: tiles, [CLS], merged patches
     )
     return {"llm": f.llm, "vision": f.vision, "projector": f.projector}
 

@@ -77,12 +77,9 @@ class AnswerAccuracy(Metric):
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, processor: Any, batch: dict, max_new_tokens: int = 2) -> list[str]:
     """Greedy answers to the prompts of a collated batch (``prompt_input_ids``/``prompt_attention_mask``)."""
-    inputs = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
-              "pixel_values": batch["pixel_values"]}
-    for key, given in (("image_sizes", "image_sizes"), ("image_grid_thw", "image_grid_thw"),
-                       ("mm_token_type_ids", "prompt_mm_token_type_ids")):  # LLaVA-NeXT / Qwen-VL inputs
-        if given in batch:
-            inputs[key] = batch[given]
+    from ..data.collate import prompt_inputs
+
+    inputs = prompt_inputs(batch)  # ids, mask, pixels and the family's image inputs
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id)
     new = out[:, inputs["input_ids"].shape[1]:]

@@ -116,6 +116,10 @@ class FamilyAdapter:
         return {"family": self.family, "text_hidden_size": tc.hidden_size,
                 "num_hidden_layers": tc.num_hidden_layers, "num_attention_heads": tc.num_attention_heads}
 
+    def vision_tokens(self, n_visual: int) -> int:
+        """FLOPs input: how many tokens the vision tower encodes for an image that gives ``n_visual`` LLM tokens."""
+        raise NotImplementedError(f"the {self.family} family gives no vision-token count for the FLOPs model")
+
     def vision_capture(self, out: Any, bound: dict, wants_vision: bool) -> "VisionCapture":  # pragma: no cover
         """The engine's record of one ``get_image_features`` call (:class:`~..vision.VisionCapture`)."""
         raise NotImplementedError

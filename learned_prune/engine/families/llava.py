@@ -67,6 +67,11 @@ class LlavaAdapter(FamilyAdapter):
             pixels=stack_tiles(bound.get("pixel_values"), tiles) if wants_vision else None,
         )
 
+    def vision_tokens(self, n_visual: int) -> int:
+        """Tiles (``n_visual`` over one grid, at least 1) times the grid's patches plus [CLS]."""
+        grid = self.patch_grid[0] * self.patch_grid[1]
+        return max(1, round(n_visual / grid)) * (grid + 1)
+
     def signature(self) -> dict[str, Any]:
         vc = self.vision_config
         return {**super().signature(), "vision_hidden_size": vc.hidden_size, "image_size": vc.image_size,

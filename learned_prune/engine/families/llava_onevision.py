@@ -23,6 +23,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
 
+    def vision_tokens(self, n_visual: int) -> int:
+        """Tiles (``n_visual`` over one grid, at least 1) times the grid's patches (SigLIP has no [CLS])."""
+        grid = self.patch_grid[0] * self.patch_grid[1]
+        return max(1, round(n_visual / grid)) * grid
+
     def check_inputs(self, kwargs: dict) -> None:
         video = kwargs.get("pixel_values_videos")
         if video is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:

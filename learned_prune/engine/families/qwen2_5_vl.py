@@ -93,6 +93,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return VisionCapture(n_features=sum(int(f.shape[0]) for f in feats), hidden_states=None, n_tiles=len(feats),
                              image_sizes=grid, features=feats, tiles=[1] * len(feats), pixels=None)
 
+    def vision_tokens(self, n_visual: int) -> int:
+        """Each visual token merges ``merge**2`` patches (window attention counted as full attention)."""
+        return n_visual * self.merge**2
+
     def signature(self) -> dict[str, Any]:
         vc = self.vision_config
         return {**super().signature(), "vision_hidden_size": vc.hidden_size, "patch_size": vc.patch_size,
