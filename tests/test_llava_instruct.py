@@ -128,6 +128,7 @@ BAD = {
                     "record 3 .*2 <image> placeholder\\(s\\) for 1 image"),
     "empty": (lambda r: r.update(conversations=[]), "record 3 .*'conversations' is missing or empty"),
     "no answer": (lambda r: r.update(conversations=r["conversations"][:1]), "record 3 .*no 'gpt' turn"),
+    "empty answer": (lambda r: r["conversations"][1].update(value=" "), "record 3 .*conversations\\[1\\].value .* empty"),
 }
 
 
@@ -203,3 +204,39 @@ def test_saved_hf_dataset_folder(tmp_path, tiny_backbone):
     assert len(dm.train_records) + len(dm.val_records) == 20
     batch = dm.collate([dm.train_set[0], dm.train_set[1]])
     assert (batch["labels"] != -100).any()
+
+
+PAPER = {  # what each experiment config states, read from the paper / official code (configs/experiment/*)
+    "atp": {"module.optimizer.lr": 2e-5, "data.batch_size": 16, "trainer.accumulate_grad_batches": 8,
+            "module.head.target": 0.25, "trainer.max_epochs": 1},
+    "lvpruning": {"module.optimizer.lr": 2e-6, "data.batch_size": 8, "trainer.accumulate_grad_batches": 8,
+                  "module.head.ratios": [0.5, 0.3, 0.1], "data.text_only": False, "trainer.gradient_clip_val": 1.0},
+    "dyvte": {"module.optimizer.lr": 6e-5, "data.batch_size": 16, "trainer.accumulate_grad_batches": 8,
+              "data.fraction": 0.01, "data.single_turn_only": True, "module.replay": 0, "module.layers_per_step": 1},
+}
+
+
+@pytest.mark.parametrize("head", list(PAPER))
+def test_paper_recipes_compose_and_train_on_the_tiny_backbone(tmp_path, head):
+    from helpers import compose_train
+    from omegaconf import OmegaConf
+
+    from learned_prune.run import train
+
+    path = write_llava(tmp_path / "data")
+    base = [f"module={head}", f"experiment={head}_llava_instruct", f"data.annotations={path}",
+            f"data.image_folder={path.parent}", "data.template=llava15"]
+    cfg = compose_train(tmp_path / "cfg", base, "x")
+    assert cfg.data._target_.endswith("LlavaInstructDataModule")
+    for key, value in PAPER[head].items():
+        got = OmegaConf.select(cfg, key)
+        assert (OmegaConf.to_object(got) if OmegaConf.is_config(got) else got) == value, key
+    run = compose_train(tmp_path / "run", [*base, "data.batch_size=4", "trainer.accumulate_grad_batches=1",
+                                           "trainer.max_steps=2", "data.val_size=2", "data.fraction=1.0",
+                                           "trainer.limit_val_batches=1", "logger=csv", "~callbacks.progress_bar",
+                                           "trainer.enable_progress_bar=false", "optimized_metric=train/loss",
+                                           "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"],
+                        f"{head}-export")
+    loss = train(run)
+    assert loss is not None and np.isfinite(loss)
+    assert (tmp_path / "run" / f"{head}-export" / "model.safetensors").is_file()

@@ -113,6 +113,9 @@ def check_record(index: int, row: Any, image_folder: Path | None) -> Record:
         if role is None or not isinstance(turn.get("value"), str):
             raise BadRecord("bad turn", f"{where}: conversations[{t}] needs 'from' (one of {sorted(ROLES)}) and a "
                             f"string 'value', got {turn!r:.120}")
+        if role == "assistant" and not turn["value"].strip():
+            raise BadRecord("empty answer", f"{where}: conversations[{t}].value (an assistant turn) is empty; give "
+                            "the answer or remove the record")
         if role == "assistant" and IMAGE in turn["value"]:
             raise BadRecord("<image> in an answer", f"{where}: conversations[{t}].value (an assistant turn) holds "
                             f"{IMAGE}; placeholders belong in human turns")
