@@ -112,6 +112,14 @@ class PruneState:
         return grid
 
     @property
+    def grid_coords(self) -> torch.Tensor:
+        """(row, col) of each current visual token in its image's token grid, (B, Nv, 2) (the family adapter's
+        layout: LLaVA's one base grid by token index; Qwen-VL each image's own merged grid)."""
+        if "grid_coords" not in self.cache:
+            self.cache["grid_coords"] = self.adapter.grid_coords(self.visual_source, self.n_visual_original, self.vision)
+        return self.cache["grid_coords"]
+
+    @property
     def any_resolution(self) -> bool:
         """True when images are encoded as several tiles (LLaVA-NeXT's base view + crops)."""
         return self.adapter.is_next

@@ -135,7 +135,7 @@ class LearnedPrunerModule(pl.LightningModule):
 
     # ---- losses ---------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict:
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
         return {k: batch[k] for k in keys if k in batch}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

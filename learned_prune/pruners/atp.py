@@ -86,9 +86,7 @@ class ATPHead(LearnedHead):
         return [f"llm:{k}" for k in self.layers]
 
     def spatial_score(self, state: PruneState) -> torch.Tensor:
-        rows, cols = state.image_grid
-        src = state.visual_source % (rows * cols)
-        r, c = src // cols, src % cols
+        r, c = state.grid_coords.unbind(-1)  # (row, col) in the token's image grid (the family's layout)
         off = self.stride // 2
         return (((r - off) % self.stride == 0) & ((c - off) % self.stride == 0)).to(state.hidden.dtype)
 

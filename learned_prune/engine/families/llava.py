@@ -67,6 +67,13 @@ class LlavaAdapter(FamilyAdapter):
             pixels=stack_tiles(bound.get("pixel_values"), tiles) if wants_vision else None,
         )
 
+    def grid_coords(self, source: torch.Tensor, n_original: torch.Tensor, vision: Any) -> torch.Tensor:
+        """(row, col) of each visual token (``source``: its index among the sample's original ones) in the base
+        grid, by index modulo the grid (B, Nv, 2)."""
+        rows, cols = self.patch_grid
+        src = source % (rows * cols)
+        return torch.stack([src // cols, src % cols], -1)
+
     def vision_tokens(self, n_visual: int) -> int:
         """Tiles (``n_visual`` over one grid, at least 1) times the grid's patches plus [CLS]."""
         grid = self.patch_grid[0] * self.patch_grid[1]

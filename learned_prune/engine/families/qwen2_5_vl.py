@@ -93,6 +93,22 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return VisionCapture(n_features=sum(int(f.shape[0]) for f in feats), hidden_states=None, n_tiles=len(feats),
                              image_sizes=grid, features=feats, tiles=[1] * len(feats), pixels=None)
 
+    def grid_coords(self, source: torch.Tensor, n_original: torch.Tensor, vision: Any) -> torch.Tensor:
+        """(row, col) of each visual token in its own image's merged grid, (B, Nv, 2): a sample's images follow
+        each other in ``image_grid_thw`` order, each row-major over (h / merge, w / merge)."""
+        grids = [] if vision is None or vision.image_sizes is None else vision.image_sizes.tolist()
+        tables, it = [], iter(grids)
+        for n in n_original.tolist():
+            coords: list[torch.Tensor] = []
+            while sum(int(c.shape[0]) for c in coords) < n:
+                t, h, w = next(it)
+                r, c = torch.meshgrid(torch.arange(h // self.merge), torch.arange(w // self.merge), indexing="ij")
+                coords.append(torch.stack([r.flatten(), c.flatten()], -1).repeat(t, 1))
+            tables.append(torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long))
+        flat = torch.cat(tables).to(source.device)
+        start = (torch.cumsum(n_original, 0) - n_original).to(source.device)
+        return flat[(start[:, None] + source).clamp(0, max(flat.shape[0] - 1, 0))]
+
     def vision_tokens(self, n_visual: int) -> int:
         """Each visual token merges ``merge**2`` patches (window attention counted as full attention)."""
         return n_visual * self.merge**2
