@@ -84,14 +84,15 @@ class CompressorHead(LearnedHead):
 
     def prepare(self, adapter: Any) -> None:
         vc, tc = adapter.vision_config, adapter.text_config
-        have = (vc.hidden_size, tc.hidden_size, vc.image_size // vc.patch_size)
+        image_size, patch_size = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+        if adapter.is_next or not isinstance(image_size, int) or not patch_size:
+            raise ValueError(f"{self.display_name} heads compress one single-view image on a square patch grid "
+                             f"(LLaVA-1.5-style); this {type(adapter.model).__name__} is not supported")
+        have = (vc.hidden_size, tc.hidden_size, image_size // patch_size)
         if have != (self.vision_hidden, self.hidden_size, self.grid):
             raise ValueError(f"this {self.display_name} head was built for a tower of width {self.vision_hidden}, an LLM "
                              f"of width {self.hidden_size} and a {self.grid}x{self.grid} patch grid; the model has "
                              f"{have[0]}, {have[1]} and {have[2]}x{have[2]}: train a head for this backbone")
-        if adapter.is_next:
-            raise ValueError(f"{self.display_name} heads compress one single-view image (LLaVA-1.5-style); "
-                             "LLaVA-NeXT's tiles are not supported")
         super().prepare(adapter)
 
     def select(self, state: PruneState) -> Selection:
