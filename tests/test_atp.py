@@ -160,12 +160,13 @@ def test_atp_soft_keep_probability_by_hand():
 
 def test_sweep_parameters_are_valid_overrides():
     sweeps = sorted((CONFIGS.parent / "sweeps" / "wandb").glob("*.yaml"))
-    assert {p.stem for p in sweeps} == {"atp", "bavit", "dyvte", "lvpruning"}
+    assert {p.stem for p in sweeps} == {"atp", "bavit", "dyvte", "lvpruning", "flashsloth", "quecc"}
     for path in sweeps:
         sweep = yaml.safe_load(path.read_text())
         assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
-        module = next(c for c in sweep["command"] if str(c).startswith("module="))
-        overrides = [module]
+        # each run selects its recipe through hparams_search=<head> (which sets the module and the budget metric)
+        search = next(c for c in sweep["command"] if str(c).startswith("hparams_search="))
+        overrides = [search]
         for key, spec in sweep["parameters"].items():
             value = spec["values"][0] if "values" in spec else spec.get("min", spec.get("value"))
             overrides.append(f"{key}={value}")

@@ -86,7 +86,7 @@ def test_a_broken_config_in_checkpoints_stops_the_default_grid_instead_of_droppi
 
 # ---- item 5: grid lists and POPE files ---------------------------------------------------------
 @pytest.mark.parametrize("override,match", [
-    ("keep=[]", r"keep=\[\] gives no budget, so random, pool, fastv.* would not run"),
+    ("keep=[]", r"keep=\[\] gives no budget, so random, pool, downsample, fastv.* would not run"),
     ("methods=[]", r"methods=\[\] names no method"),
     ("methods=[none,fastv,fastv]", r"methods lists fastv more than once"),
     ("keep=[16,32,16]", r"keep lists 16 more than once"),

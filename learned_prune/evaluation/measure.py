@@ -27,9 +27,18 @@ def count_selection_flops(pruner: Any) -> list[float]:
             continue
         original = p.select
 
-        def select(state, original=original):
-            with FlopCounterMode(display=False) as counter:
-                out = original(state)
+        def select(state, original=original, owner=p):
+            # counted calls are inference: parameters that require grad make the counter's module tracker
+            # hook autograd on them (which fails for a learned head's parameters used as module inputs)
+            params = [q for q in owner.parameters() if q.requires_grad] if hasattr(owner, "parameters") else []
+            for q in params:
+                q.requires_grad_(False)
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    out = original(state)
+            finally:
+                for q in params:
+                    q.requires_grad_(True)
             calls.append(float(counter.get_total_flops()))
             return out
 
