@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .collate import left_pad
 from .llava_records import IMAGE
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,7 @@ class InstructCollator:
             labels[b, text_pos] = torch.where(inside[u_text], u_ids[u_text], -100)
             first = int((inside[u_text] & (starts[u_text] >= r.spans[-1][0])).nonzero()[0])  # the last answer's start
             prompts.append(ids[b, pos[pos < text_pos[first]]])
-        P = max(p.numel() for p in prompts)
-        prompt_ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=ids.dtype)
-        prompt_mask = torch.zeros((len(prompts), P), dtype=mask.dtype)
-        for b, p in enumerate(prompts):
-            prompt_ids[b, P - p.numel():], prompt_mask[b, P - p.numel():] = p, 1
+        prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id, mask.dtype)
         batch = dict(enc)
         batch.update(labels=labels, prompt_input_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                      answers=[r.answer for r in renders], qtypes=[None] * len(samples),

@@ -33,6 +33,16 @@ def prompt_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+
+def left_pad(rows: list[torch.Tensor], pad_id: int, mask_dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one left-padded batch: ``(input_ids, attention_mask)``."""
+    P = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), P), dtype=mask_dtype)
+    for b, r in enumerate(rows):
+        ids[b, P - r.numel():], mask[b, P - r.numel():] = r, 1
+    return ids, mask
+
 class VQACollator:
     """Collate sample dicts (``image``, ``question``, ``answer``, ...) into model inputs.
 
@@ -66,11 +76,7 @@ class VQACollator:
             labels[b, L - n :] = ids[b, L - n :]
         # the prompt alone: drop the answer tokens and re-pad on the left
         rows = [ids[b, mask[b].bool()][: -n] for b, n in enumerate(n_answer)]
-        P = max(r.numel() for r in rows)
-        prompt_ids = torch.full((len(rows), P), tok.pad_token_id, dtype=ids.dtype)
-        prompt_mask = torch.zeros((len(rows), P), dtype=mask.dtype)
-        for b, r in enumerate(rows):
-            prompt_ids[b, P - r.numel() :], prompt_mask[b, P - r.numel() :] = r, 1
+        prompt_ids, prompt_mask = left_pad(rows, tok.pad_token_id, mask.dtype)
         batch = dict(enc)
         if "mm_token_type_ids" in enc:  # Qwen-VL's M-RoPE needs them: 1 on image tokens, for the prompt too
             image_id = getattr(self.processor, "image_token_id", None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .vqa_files import load_saved_dataset
 from .vqa_rows import read_annotations
 
 IMAGE = "<image>"
@@ -69,17 +70,8 @@ class Checked:
 def load_rows(path: Path, split: str = "train") -> list[dict[str, Any]] | Any:
     """Rows of a JSON list / JSON lines file, or a saved HF dataset folder (needs ``datasets``)."""
     if path.is_dir():
-        try:
-            import datasets
-        except ImportError as err:
-            raise ImportError(f"data.annotations={str(path)!r} is a folder: reading a saved Hugging Face dataset needs "
-                              "`pip install datasets`; or point data.annotations at a LLaVA JSON/JSONL file") from err
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise KeyError(f"{path} has splits {list(ds)}; set data.split to one of them")
-            ds = ds[split]
-        return ds
+        return load_saved_dataset(path, split, name=f"data.annotations={str(path)!r}",
+                                  instead="a LLaVA JSON/JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"data.annotations={str(path)!r} does not exist: point it at a LLaVA-format JSON/JSONL "
                                 "file (e.g. llava_v1_5_mix665k.json) or a saved HF dataset folder")

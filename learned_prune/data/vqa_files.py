@@ -77,7 +77,7 @@ class VQABenchmarkDataset(Dataset):
         if size is not None and size < 1:
             raise ValueError(f"data.test_size={size}: evaluate at least 1 question (data.test_size=null: all of them)")
         if ann.is_dir():  # a saved HF dataset
-            self.hf = _load_hf(ann, split)
+            self.hf = load_saved_dataset(ann, split)
             self.records = None
             n = len(self.hf)
         elif ann.is_file():
@@ -141,12 +141,16 @@ class VQABenchmarkDataset(Dataset):
                 "gold": r["gold"], "qtype": r["qtype"], "index": index}
 
 
-def _load_hf(path: Path, split: str):
+def load_saved_dataset(path: Path, split: str, name: str | None = None,
+                       instead: str = "the benchmark's JSON file") -> Any:
+    """A saved Hugging Face dataset folder (``datasets.load_from_disk``), the ``split`` of a DatasetDict.
+    ``name`` is how errors name the folder (default: its path); ``instead`` what else data.annotations may be."""
+    name = name or str(path)
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{path} is a folder: reading a saved Hugging Face dataset needs `pip install datasets`; "
-                          "or point data.annotations at the benchmark's JSON file") from err
+        raise ImportError(f"{name} is a folder: reading a saved Hugging Face dataset needs `pip install datasets`; "
+                          f"or point data.annotations at {instead}") from err
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

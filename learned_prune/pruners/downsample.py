@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.state import PruneState, Selection
-from .base import Pruner, resolve_keep
-from .pool import centre_slots, pooled_grid
+from .base import Pruner
+from .pool import budget_grid, centre_slots
 
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -59,15 +59,7 @@ class Downsample(Pruner):
             )
 
     def select(self, state: PruneState) -> Selection:
-        if state.site != "vision":
-            raise ValueError("downsample acts at the 'vision' site")
-        rows, cols = state.image_grid
-        P = rows * cols
-        n0 = state.n_visual_original
-        if bool((n0 % P != 0).any()) and not state.any_resolution:
-            raise ValueError(f"downsample expects whole {rows}x{cols} grids of visual tokens, got {n0.tolist()}")
-        k = int(resolve_keep(self.keep, n0).min())
-        h, w = pooled_grid(rows, cols, min(k, P))
+        rows, cols, h, w = budget_grid(state, self.keep, "downsample")
         images = state.image_tiles()
         if not all(images):
             raise ValueError(f"downsample needs an image in every sample; samples {[i for i, s in enumerate(images) if not s]} "

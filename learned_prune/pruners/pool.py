@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,20 @@ def pooled_grid(rows: int, cols: int, keep: int) -> tuple[int, int]:
         if h * w > best[0] * best[1] or (h * w == best[0] * best[1] and abs(h - w) < abs(best[0] - best[1])):
             best = (h, w)
     return best
+
+
+def budget_grid(state: PruneState, keep: Any, method: str) -> tuple[int, int, int, int]:
+    """(rows, cols) of the image's patch grid and the (h, w) output grid of a vision-site method that
+    shrinks whole grids to ``keep`` cells (``pool``, ``downsample``); checks the site and the token layout."""
+    if state.site != "vision":
+        raise ValueError(f"{method} acts at the 'vision' site")
+    rows, cols = state.image_grid
+    P = rows * cols
+    n0 = state.n_visual_original
+    if bool((n0 % P != 0).any()) and not state.any_resolution:
+        raise ValueError(f"{method} expects whole {rows}x{cols} grids of visual tokens, got {n0.tolist()}")
+    k = int(resolve_keep(keep, n0).min())
+    return (rows, cols, *pooled_grid(rows, cols, min(k, P)))
 
 
 def centre_slots(rows: int, cols: int, h: int, w: int) -> torch.Tensor:
@@ -45,15 +60,8 @@ class PoolPruner(Pruner):
     needs = ("vision_grid",)  # refused on a family whose tower lacks it (docs/families.md)
 
     def select(self, state: PruneState) -> Selection:
-        if state.site != "vision":
-            raise ValueError("pool acts at the 'vision' site")
-        rows, cols = state.image_grid
+        rows, cols, h, w = budget_grid(state, self.keep, "pool")
         P = rows * cols
-        n0 = state.n_visual_original
-        if bool((n0 % P != 0).any()) and not state.any_resolution:
-            raise ValueError(f"pool expects whole {rows}x{cols} grids of visual tokens, got {n0.tolist()}")
-        k = int(resolve_keep(self.keep, n0).min())
-        h, w = pooled_grid(rows, cols, min(k, P))
         feats = state.vision_features()[:, :P]  # the first image's (base-view) grid
         B, _, D = feats.shape
         grid = feats.reshape(B, rows, cols, D).permute(0, 3, 1, 2)

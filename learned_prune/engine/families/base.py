@@ -109,6 +109,12 @@ class FamilyAdapter:
     def check_inputs(self, kwargs: dict) -> None:
         """Refuse inputs the engine cannot prune on this family (called on every call of the inner model)."""
 
+    def refuse_video(self, kwargs: dict) -> None:
+        """Refuse video inputs, for a family whose model takes them but whose videos the engine cannot prune yet."""
+        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
+            raise NotImplementedError(f"the pruning engine prunes images on {self.family}; video inputs "
+                                      "(pixel_values_videos) are not supported yet: pass images only")
+
     # ---- heads and FLOPs -----------------------------------------------------------------
     def signature(self) -> dict[str, Any]:
         """The sizes (and family) a learned head depends on, recorded at export and checked at install."""

@@ -29,10 +29,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return max(1, round(n_visual / grid)) * grid
 
     def check_inputs(self, kwargs: dict) -> None:
-        video = kwargs.get("pixel_values_videos")
-        if video is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
-            raise NotImplementedError(f"the pruning engine prunes images on {self.family}; video inputs "
-                                      "(pixel_values_videos) are not supported yet: pass images only")
+        self.refuse_video(kwargs)
 
     def vision_capture(self, out: Any, bound: dict, wants_vision: bool) -> VisionCapture:
         feats = list(out.pooler_output)
